@@ -1,0 +1,150 @@
+//! Replay + live follow of one turn's SSE frames.
+
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::BoxStream;
+use crate::sse::SseEncoder;
+
+#[derive(Debug, Default)]
+struct Frames {
+    frames: Vec<Bytes>,
+    closed: bool,
+}
+
+/// All frames of one running turn, from its first chunk. Any number of
+/// followers read it from the start and then live; a slow follower never
+/// blocks the turn or other followers (there is no channel to fill up).
+/// Memory is bounded by the turn's own output.
+#[derive(Debug)]
+pub struct TurnBuffer {
+    state: Mutex<Frames>,
+    len: watch::Sender<usize>,
+}
+
+impl Default for TurnBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TurnBuffer {
+    /// An empty, open buffer.
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(Frames::default()),
+            len: watch::Sender::new(0),
+        }
+    }
+
+    /// Appends a frame and wakes followers. Ignored after [`close`](Self::close).
+    pub fn push(&self, frame: Bytes) {
+        let n = {
+            let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if s.closed {
+                return;
+            }
+            s.frames.push(frame);
+            s.frames.len()
+        };
+        self.len.send_replace(n);
+    }
+
+    /// Appends the final `[DONE]` frame and ends every follower's stream after it.
+    pub fn close(&self) {
+        let n = {
+            let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if s.closed {
+                return;
+            }
+            s.frames.push(SseEncoder::done());
+            s.closed = true;
+            s.frames.len()
+        };
+        self.len.send_replace(n);
+    }
+
+    /// Whether the turn has ended.
+    pub fn is_closed(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed
+    }
+
+    /// Number of frames so far.
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .frames
+            .len()
+    }
+
+    /// True when no frame was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until the turn has ended.
+    pub async fn closed(&self) {
+        let mut rx = self.len.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if self.is_closed() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Frames `from..` currently available (cheap `Bytes` clones) and whether the buffer is closed.
+    fn read_from(&self, from: usize) -> (Vec<Bytes>, bool) {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let batch = s
+            .frames
+            .get(from..)
+            .map(<[Bytes]>::to_vec)
+            .unwrap_or_default();
+        (batch, s.closed)
+    }
+
+    /// A stream of every frame from the first, then live, ending after `[DONE]`.
+    pub fn follow(self: std::sync::Arc<Self>) -> BoxStream<'static, Bytes> {
+        struct St {
+            buf: std::sync::Arc<TurnBuffer>,
+            rx: watch::Receiver<usize>,
+            pos: usize,
+            pending: std::collections::VecDeque<Bytes>,
+        }
+        let rx = self.len.subscribe();
+        let st = St {
+            buf: self,
+            rx,
+            pos: 0,
+            pending: std::collections::VecDeque::new(),
+        };
+        let s = futures::stream::unfold(st, |mut st| async move {
+            loop {
+                if let Some(f) = st.pending.pop_front() {
+                    return Some((f, st));
+                }
+                st.rx.borrow_and_update();
+                let (batch, closed) = st.buf.read_from(st.pos);
+                if !batch.is_empty() {
+                    st.pos += batch.len();
+                    st.pending.extend(batch);
+                    continue;
+                }
+                if closed || st.rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        });
+        Box::pin(s)
+    }
+}

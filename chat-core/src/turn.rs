@@ -1,0 +1,732 @@
+//! The turn state machine: user message stored -> model steps (tools between
+//! them) -> finalize, with every exit path persisting what was produced.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use web_time::Instant;
+
+use crate::chunk::UiChunk;
+use crate::error::{Error, ModelError, StoreError, ValidationError};
+use crate::ids::{ChatId, MessageId, UserId};
+use crate::message::{
+    FinishReason, MessageMetadata, Part, Role, TextPart, TextState, ToolPart, ToolState, UiMessage,
+    Usage,
+};
+use crate::model::{ModelEvent, ModelProvider, ModelRequest, ModelStream};
+use crate::session::{SendRequest, Trigger};
+use crate::store::{Chat, MessageStatus, MessageStore, StoredMessage};
+use crate::title::title_from_text;
+use crate::tool::{ToolContext, ToolSet};
+use crate::validate::Limits;
+
+/// What the client sees when a turn fails (details go to the logs only).
+pub const MODEL_ERROR_TEXT: &str = "The model failed to respond. Please try again.";
+/// What the client sees when the final write fails.
+pub const STORE_ERROR_TEXT: &str = "The answer could not be saved. Please try again.";
+
+/// Settings of the turn state machine.
+#[derive(Debug, Clone)]
+pub struct TurnConfig {
+    /// Most model steps per turn (tool calls run between steps). Default 10.
+    pub max_steps: u32,
+    /// Checkpoint the partial assistant message at most this often. Default 500 ms.
+    pub checkpoint_interval: Duration,
+    /// Also checkpoint after this many model events (0 = only by time). Default 0.
+    pub checkpoint_every_events: u32,
+    /// System prompt sent with every step.
+    pub system_prompt: Option<String>,
+    /// Input limits.
+    pub limits: Limits,
+    /// Tools the model may call.
+    pub tools: ToolSet,
+    /// Retries of the final write when the store error is retryable. Default 5.
+    pub finalize_retries: u32,
+    /// First backoff of the final write (doubles each retry). Default 50 ms.
+    pub finalize_backoff: Duration,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 10,
+            checkpoint_interval: Duration::from_millis(500),
+            checkpoint_every_events: 0,
+            system_prompt: Some("You are a helpful AI assistant. Be concise and helpful.".into()),
+            limits: Limits::default(),
+            tools: ToolSet::new(),
+            finalize_retries: 5,
+            finalize_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Receives the chunks of a turn as they are produced (encode, buffer, send).
+///
+/// [`BufferSink`] encodes into a [`TurnBuffer`](crate::TurnBuffer) for replay + live follow.
+pub trait ChunkSink: crate::MaybeSendSync {
+    /// Called once per chunk, in order. Must not block.
+    fn emit(&mut self, chunk: &UiChunk<'_>);
+}
+
+impl<F: FnMut(&UiChunk<'_>) + crate::MaybeSendSync> ChunkSink for F {
+    fn emit(&mut self, chunk: &UiChunk<'_>) {
+        self(chunk);
+    }
+}
+
+/// A turn whose user message is stored and that is ready to run.
+#[derive(Debug, Clone)]
+pub struct PreparedTurn {
+    /// The chat's owner.
+    pub user: UserId,
+    /// The chat.
+    pub chat: ChatId,
+    /// Id the assistant message is stored under.
+    pub assistant_id: MessageId,
+    /// The conversation sent to the model, oldest first.
+    pub conversation: Vec<UiMessage>,
+    /// Creation time of the assistant message, epoch ms.
+    pub created_at: i64,
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnOutcome {
+    /// The assistant message as stored (or as it would have been, if the final write failed).
+    pub message: UiMessage,
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Whether the final message reached the store.
+    pub stored: bool,
+}
+
+/// Runs turns against a store and a model. Cheap to clone.
+#[derive(Clone)]
+pub struct TurnRunner {
+    store: Arc<dyn MessageStore>,
+    model: Arc<dyn ModelProvider>,
+    config: Arc<TurnConfig>,
+}
+
+impl std::fmt::Debug for TurnRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnRunner")
+            .field("model", &self.model.name())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+enum End {
+    Finished(FinishReason),
+    Aborted,
+    Failed(ModelError),
+}
+
+/// The assistant message under construction plus open-part bookkeeping.
+struct Draft {
+    msg: UiMessage,
+    open_text: Option<(usize, String)>,
+    open_reasoning: Option<(usize, String)>,
+    part_seq: u32,
+    usage: Option<Usage>,
+}
+
+impl Draft {
+    fn next_id(&mut self, kind: &str) -> String {
+        let id = format!("{kind}-{}", self.part_seq);
+        self.part_seq += 1;
+        id
+    }
+
+    fn close_text(&mut self, sink: &mut dyn ChunkSink) {
+        if let Some((idx, id)) = self.open_text.take() {
+            if let Some(Part::Text(t)) = self.msg.parts.get_mut(idx) {
+                t.state = Some(TextState::Done);
+            }
+            sink.emit(&UiChunk::TextEnd { id: id.into() });
+        }
+    }
+
+    fn close_reasoning(&mut self, sink: &mut dyn ChunkSink) {
+        if let Some((idx, id)) = self.open_reasoning.take() {
+            if let Some(Part::Reasoning(t)) = self.msg.parts.get_mut(idx) {
+                t.state = Some(TextState::Done);
+            }
+            sink.emit(&UiChunk::ReasoningEnd { id: id.into() });
+        }
+    }
+
+    fn close_all(&mut self, sink: &mut dyn ChunkSink) {
+        self.close_reasoning(sink);
+        self.close_text(sink);
+    }
+
+    fn tool_mut(&mut self, call_id: &str) -> Option<&mut ToolPart> {
+        self.msg.parts.iter_mut().rev().find_map(|p| match p {
+            Part::Tool(t) if t.tool_call_id == call_id => Some(t),
+            _ => None,
+        })
+    }
+
+    /// Marks tool calls that never got a result as failed, so the stored
+    /// conversation stays valid for the next model call.
+    fn fail_unfinished_tools(&mut self, sink: &mut dyn ChunkSink, why: &str) {
+        for p in &mut self.msg.parts {
+            if let Part::Tool(t) = p
+                && matches!(
+                    t.state,
+                    ToolState::InputStreaming | ToolState::InputAvailable
+                )
+            {
+                t.state = ToolState::OutputError;
+                t.error_text = Some(why.to_owned());
+                if t.input.is_none() {
+                    t.input = Some(Value::Object(serde_json::Map::new()));
+                }
+                sink.emit(&UiChunk::ToolOutputError {
+                    tool_call_id: Cow::Borrowed(&t.tool_call_id),
+                    error_text: Cow::Borrowed(why),
+                });
+            }
+        }
+    }
+}
+
+impl TurnRunner {
+    /// A runner over `store` and `model` with no tools.
+    pub fn new(
+        store: Arc<dyn MessageStore>,
+        model: Arc<dyn ModelProvider>,
+        config: TurnConfig,
+    ) -> Self {
+        Self {
+            store,
+            model,
+            config: Arc::new(config),
+        }
+    }
+
+    /// Adds the tools the model may call.
+    #[must_use]
+    pub fn with_tools(mut self, tools: ToolSet) -> Self {
+        Arc::make_mut(&mut self.config).tools = tools;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn MessageStore> {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TurnConfig {
+        &self.config
+    }
+
+    /// Validates the request, stores the user message (before any model call),
+    /// sets the title once, and returns the turn to run. `chat` must come from
+    /// `store.get_chat(user, ..)` (the ownership check). Nothing is changed on error.
+    pub async fn prepare(
+        &self,
+        user: &UserId,
+        chat: &Chat,
+        request: SendRequest,
+    ) -> Result<PreparedTurn, Error> {
+        let now = crate::now_ms();
+        let history = self.store.load_messages(user, &chat.id).await?;
+        let mut conversation: Vec<UiMessage> = Vec::with_capacity(history.len() + 1);
+        let assistant_id;
+
+        match request.trigger {
+            Trigger::SubmitMessage => {
+                let Some(mut msg) = request.message else {
+                    return Err(ValidationError::new("message", "is required").into());
+                };
+                self.config.limits.check_user_message(&msg)?;
+                let existing = history.iter().position(|m| m.message.id == msg.id);
+                let created_at = existing.map_or(now, |i| history[i].created_at);
+                msg.metadata = Some(MessageMetadata {
+                    created_at: Some(created_at),
+                    ..MessageMetadata::default()
+                });
+                if let Some(i) = existing {
+                    // A retried request: keep the message where it is and replace the
+                    // answer that followed it (if any) instead of adding another.
+                    if history[i].message.role != Role::User {
+                        return Err(ValidationError::new(
+                            "message.id",
+                            "is already used by a non-user message",
+                        )
+                        .into());
+                    }
+                    conversation.extend(history[..i].iter().map(|m| m.message.clone()));
+                    assistant_id = history
+                        .get(i + 1)
+                        .filter(|m| m.message.role == Role::Assistant)
+                        .map_or_else(MessageId::new, |m| m.message.id.clone());
+                } else {
+                    conversation.extend(history.iter().map(|m| m.message.clone()));
+                    assistant_id = MessageId::new();
+                }
+                let stored = StoredMessage {
+                    message: msg.clone(),
+                    created_at,
+                    updated_at: now,
+                    status: MessageStatus::Complete,
+                };
+                self.store.upsert_message(user, &chat.id, &stored).await?;
+                conversation.push(msg);
+            }
+            Trigger::RegenerateMessage => {
+                let target = match &request.message_id {
+                    Some(id) => {
+                        let i = history
+                            .iter()
+                            .position(|m| &m.message.id == id)
+                            .ok_or_else(|| {
+                                ValidationError::new("messageId", "no such message in this chat")
+                            })?;
+                        if history[i].message.role != Role::Assistant {
+                            return Err(ValidationError::new(
+                                "messageId",
+                                "must name an assistant message",
+                            )
+                            .into());
+                        }
+                        Some(i)
+                    }
+                    None => history
+                        .iter()
+                        .rposition(|m| m.message.role == Role::Assistant)
+                        .filter(|&i| i + 1 == history.len()),
+                };
+                let upto = target.unwrap_or(history.len());
+                conversation.extend(history[..upto].iter().map(|m| m.message.clone()));
+                if !conversation.iter().any(|m| m.role == Role::User) {
+                    return Err(ValidationError::new(
+                        "trigger",
+                        "there is no user message to answer",
+                    )
+                    .into());
+                }
+                assistant_id =
+                    target.map_or_else(MessageId::new, |i| history[i].message.id.clone());
+            }
+        }
+
+        if chat.title.is_none()
+            && let Some(first) = conversation.iter().find(|m| m.role == Role::User)
+            && let Some(title) = title_from_text(&first.text())
+        {
+            self.store
+                .set_title_if_unset(user, &chat.id, &title)
+                .await?;
+        }
+
+        Ok(PreparedTurn {
+            user: user.clone(),
+            chat: chat.id,
+            assistant_id,
+            conversation,
+            created_at: now,
+        })
+    }
+
+    /// Runs a prepared turn to its end, emitting chunks to `sink`. Always
+    /// finalizes: the assistant message is stored with a finish reason whether
+    /// the model finished, `cancel` fired, the model failed, or a write failed.
+    pub async fn run(
+        &self,
+        turn: PreparedTurn,
+        sink: &mut dyn ChunkSink,
+        cancel: &CancellationToken,
+    ) -> TurnOutcome {
+        let mut msg = UiMessage::new(turn.assistant_id.clone(), Role::Assistant, Vec::new());
+        msg.metadata = Some(MessageMetadata {
+            created_at: Some(turn.created_at),
+            ..MessageMetadata::default()
+        });
+        sink.emit(&UiChunk::Start {
+            message_id: Cow::Borrowed(turn.assistant_id.as_str()),
+            message_metadata: msg.metadata.as_ref().map(Cow::Borrowed),
+        });
+        let mut draft = Draft {
+            msg,
+            open_text: None,
+            open_reasoning: None,
+            part_seq: 0,
+            usage: None,
+        };
+        let end = self.steps(&turn, &mut draft, sink, cancel).await;
+        self.finalize(&turn, draft, end, sink).await
+    }
+
+    async fn steps(
+        &self,
+        turn: &PreparedTurn,
+        draft: &mut Draft,
+        sink: &mut dyn ChunkSink,
+        cancel: &CancellationToken,
+    ) -> End {
+        let specs = self.config.tools.specs();
+        let mut last_checkpoint = Instant::now();
+        let mut events_since_checkpoint = 0u32;
+        for step in 0..self.config.max_steps {
+            sink.emit(&UiChunk::StartStep);
+            draft.msg.parts.push(Part::StepStart);
+            let mut messages = turn.conversation.clone();
+            if step > 0 {
+                messages.push(draft.msg.clone());
+            }
+            let request = ModelRequest {
+                system: self.config.system_prompt.clone(),
+                messages,
+                tools: specs.clone(),
+                step,
+            };
+            let mut stream: ModelStream =
+                match cancel.run_until_cancelled(self.model.stream(request)).await {
+                    None => return End::Aborted,
+                    Some(Err(e)) => return End::Failed(e),
+                    Some(Ok(s)) => s,
+                };
+            let mut step_reason = None;
+            let mut calls: Vec<(String, String, Value)> = Vec::new();
+            loop {
+                let Some(next) = cancel.run_until_cancelled(stream.next()).await else {
+                    return End::Aborted;
+                };
+                let event = match next {
+                    None => {
+                        return End::Failed(ModelError::Interrupted(
+                            "stream ended without a finish event".into(),
+                        ));
+                    }
+                    Some(Err(e)) => return End::Failed(e),
+                    Some(Ok(e)) => e,
+                };
+                match event {
+                    ModelEvent::TextDelta(delta) => {
+                        draft.close_reasoning(sink);
+                        let (idx, id) = match &draft.open_text {
+                            Some((idx, id)) => (*idx, id.clone()),
+                            None => {
+                                let id = draft.next_id("text");
+                                sink.emit(&UiChunk::TextStart {
+                                    id: Cow::Borrowed(&id),
+                                });
+                                draft.msg.parts.push(Part::Text(TextPart {
+                                    text: String::new(),
+                                    state: Some(TextState::Streaming),
+                                    provider_metadata: None,
+                                }));
+                                let idx = draft.msg.parts.len() - 1;
+                                draft.open_text = Some((idx, id.clone()));
+                                (idx, id)
+                            }
+                        };
+                        if let Some(Part::Text(t)) = draft.msg.parts.get_mut(idx) {
+                            t.text.push_str(&delta);
+                        }
+                        sink.emit(&UiChunk::TextDelta {
+                            id: Cow::Owned(id),
+                            delta: Cow::Borrowed(&delta),
+                        });
+                    }
+                    ModelEvent::ReasoningDelta(delta) => {
+                        draft.close_text(sink);
+                        let (idx, id) = match &draft.open_reasoning {
+                            Some((idx, id)) => (*idx, id.clone()),
+                            None => {
+                                let id = draft.next_id("reasoning");
+                                sink.emit(&UiChunk::ReasoningStart {
+                                    id: Cow::Borrowed(&id),
+                                });
+                                draft.msg.parts.push(Part::Reasoning(TextPart {
+                                    text: String::new(),
+                                    state: Some(TextState::Streaming),
+                                    provider_metadata: None,
+                                }));
+                                let idx = draft.msg.parts.len() - 1;
+                                draft.open_reasoning = Some((idx, id.clone()));
+                                (idx, id)
+                            }
+                        };
+                        if let Some(Part::Reasoning(t)) = draft.msg.parts.get_mut(idx) {
+                            t.text.push_str(&delta);
+                        }
+                        sink.emit(&UiChunk::ReasoningDelta {
+                            id: Cow::Owned(id),
+                            delta: Cow::Borrowed(&delta),
+                        });
+                    }
+                    ModelEvent::ToolInputStart { id, name } => {
+                        draft.close_all(sink);
+                        sink.emit(&UiChunk::ToolInputStart {
+                            tool_call_id: Cow::Borrowed(&id),
+                            tool_name: Cow::Borrowed(&name),
+                        });
+                        draft.msg.parts.push(Part::Tool(ToolPart {
+                            tool_name: name,
+                            dynamic: false,
+                            tool_call_id: id,
+                            state: ToolState::InputStreaming,
+                            input: None,
+                            output: None,
+                            error_text: None,
+                            provider_executed: None,
+                        }));
+                    }
+                    ModelEvent::ToolInputDelta { id, delta } => {
+                        if draft.tool_mut(&id).is_some() {
+                            sink.emit(&UiChunk::ToolInputDelta {
+                                tool_call_id: Cow::Borrowed(&id),
+                                input_text_delta: Cow::Borrowed(&delta),
+                            });
+                        }
+                    }
+                    ModelEvent::ToolCall { id, name, input } => {
+                        draft.close_all(sink);
+                        if draft.tool_mut(&id).is_none() {
+                            sink.emit(&UiChunk::ToolInputStart {
+                                tool_call_id: Cow::Borrowed(&id),
+                                tool_name: Cow::Borrowed(&name),
+                            });
+                            draft.msg.parts.push(Part::Tool(ToolPart {
+                                tool_name: name.clone(),
+                                dynamic: false,
+                                tool_call_id: id.clone(),
+                                state: ToolState::InputStreaming,
+                                input: None,
+                                output: None,
+                                error_text: None,
+                                provider_executed: None,
+                            }));
+                        }
+                        if let Some(t) = draft.tool_mut(&id) {
+                            t.state = ToolState::InputAvailable;
+                            t.input = Some(input.clone());
+                        }
+                        sink.emit(&UiChunk::ToolInputAvailable {
+                            tool_call_id: Cow::Borrowed(&id),
+                            tool_name: Cow::Borrowed(&name),
+                            input: Cow::Borrowed(&input),
+                        });
+                        calls.push((id, name, input));
+                    }
+                    ModelEvent::Finish { reason, usage } => {
+                        draft.close_all(sink);
+                        if let Some(u) = usage {
+                            draft.usage.get_or_insert_with(Usage::default).add(&u);
+                        }
+                        step_reason = Some(reason);
+                    }
+                }
+                if step_reason.is_some() {
+                    break;
+                }
+                events_since_checkpoint += 1;
+                let due_by_events = self.config.checkpoint_every_events > 0
+                    && events_since_checkpoint >= self.config.checkpoint_every_events;
+                if due_by_events || last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+                    self.checkpoint(turn, &draft.msg).await;
+                    last_checkpoint = Instant::now();
+                    events_since_checkpoint = 0;
+                }
+            }
+            drop(stream);
+
+            // Run the step's tool calls, then continue with the next step.
+            for (id, name, input) in &calls {
+                let result = match self.config.tools.get(name) {
+                    None => Err(format!("Unknown tool `{name}`")),
+                    Some(tool) => {
+                        let ctx = ToolContext {
+                            user: turn.user.clone(),
+                            chat: turn.chat,
+                            tool_call_id: id.clone(),
+                        };
+                        match cancel
+                            .run_until_cancelled(tool.call(ctx, input.clone()))
+                            .await
+                        {
+                            None => return End::Aborted,
+                            Some(r) => r.map_err(|e| e.0),
+                        }
+                    }
+                };
+                let part = draft.tool_mut(id);
+                match result {
+                    Ok(output) => {
+                        sink.emit(&UiChunk::ToolOutputAvailable {
+                            tool_call_id: Cow::Borrowed(id),
+                            output: Cow::Borrowed(&output),
+                        });
+                        if let Some(t) = part {
+                            t.state = ToolState::OutputAvailable;
+                            t.output = Some(output);
+                        }
+                    }
+                    Err(text) => {
+                        sink.emit(&UiChunk::ToolOutputError {
+                            tool_call_id: Cow::Borrowed(id),
+                            error_text: Cow::Borrowed(&text),
+                        });
+                        if let Some(t) = part {
+                            t.state = ToolState::OutputError;
+                            t.error_text = Some(text);
+                        }
+                    }
+                }
+            }
+            sink.emit(&UiChunk::FinishStep);
+            let reason = step_reason.unwrap_or(FinishReason::Other);
+            if calls.is_empty() {
+                return End::Finished(reason);
+            }
+            if cancel.is_cancelled() {
+                return End::Aborted;
+            }
+        }
+        End::Finished(FinishReason::ToolCalls)
+    }
+
+    async fn checkpoint(&self, turn: &PreparedTurn, msg: &UiMessage) {
+        let stored = StoredMessage {
+            message: msg.clone(),
+            created_at: turn.created_at,
+            updated_at: crate::now_ms(),
+            status: MessageStatus::Streaming,
+        };
+        if let Err(e) = self
+            .store
+            .upsert_message(&turn.user, &turn.chat, &stored)
+            .await
+        {
+            tracing::warn!(chat_id = %turn.chat, message_id = %turn.assistant_id, error = %e,
+                "checkpoint failed; the turn continues");
+        }
+    }
+
+    async fn finalize(
+        &self,
+        turn: &PreparedTurn,
+        mut draft: Draft,
+        end: End,
+        sink: &mut dyn ChunkSink,
+    ) -> TurnOutcome {
+        draft.close_all(sink);
+        let reason = match &end {
+            End::Finished(r) => *r,
+            End::Aborted => FinishReason::Abort,
+            End::Failed(_) => FinishReason::Error,
+        };
+        match &end {
+            End::Aborted => draft.fail_unfinished_tools(sink, "Stopped before the tool ran."),
+            End::Failed(_) => {
+                draft.fail_unfinished_tools(sink, "The turn failed before the tool ran.");
+            }
+            End::Finished(_) => {}
+        }
+        if let End::Failed(e) = &end {
+            tracing::error!(chat_id = %turn.chat, message_id = %turn.assistant_id,
+                model = self.model.name(), error = %e, "model failed during the turn");
+        }
+        let usage = draft.usage;
+        let meta = draft.msg.metadata_mut();
+        meta.finish_reason = Some(reason);
+        meta.usage = usage;
+        let msg = draft.msg;
+        let stored = self.store_final(turn, &msg).await;
+
+        match end {
+            End::Finished(r) => {
+                if stored {
+                    sink.emit(&UiChunk::Finish {
+                        finish_reason: Some(r),
+                        message_metadata: msg.metadata.as_ref().map(Cow::Borrowed),
+                    });
+                } else {
+                    sink.emit(&UiChunk::Error {
+                        error_text: STORE_ERROR_TEXT.into(),
+                    });
+                }
+            }
+            End::Aborted => sink.emit(&UiChunk::Abort),
+            End::Failed(_) => sink.emit(&UiChunk::Error {
+                error_text: MODEL_ERROR_TEXT.into(),
+            }),
+        }
+        TurnOutcome {
+            message: msg,
+            reason,
+            stored,
+        }
+    }
+
+    /// Writes the final message, retrying retryable store errors with backoff.
+    async fn store_final(&self, turn: &PreparedTurn, msg: &UiMessage) -> bool {
+        let mut backoff = self.config.finalize_backoff;
+        let mut attempt = 0;
+        loop {
+            let stored = StoredMessage {
+                message: msg.clone(),
+                created_at: turn.created_at,
+                updated_at: crate::now_ms(),
+                status: MessageStatus::Complete,
+            };
+            match self
+                .store
+                .upsert_message(&turn.user, &turn.chat, &stored)
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) if e.is_retryable() && attempt < self.config.finalize_retries => {
+                    attempt += 1;
+                    tracing::warn!(chat_id = %turn.chat, message_id = %turn.assistant_id,
+                        attempt, error = %e, "final write failed; retrying");
+                    crate::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+                Err(e) => {
+                    log_lost(turn, &e, attempt);
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+fn log_lost(turn: &PreparedTurn, e: &StoreError, attempts: u32) {
+    tracing::error!(chat_id = %turn.chat, message_id = %turn.assistant_id, attempts, error = %e,
+        "final write of the assistant message failed; the last checkpoint is all that is kept");
+}
+
+/// A sink that encodes chunks as SSE frames into a [`TurnBuffer`](crate::TurnBuffer).
+#[derive(Debug)]
+pub struct BufferSink {
+    buffer: Arc<crate::TurnBuffer>,
+    encoder: crate::SseEncoder,
+}
+
+impl BufferSink {
+    /// A sink writing to `buffer`.
+    pub fn new(buffer: Arc<crate::TurnBuffer>) -> Self {
+        Self {
+            buffer,
+            encoder: crate::SseEncoder::new(),
+        }
+    }
+}
+
+impl ChunkSink for BufferSink {
+    fn emit(&mut self, chunk: &UiChunk<'_>) {
+        self.buffer.push(self.encoder.encode(chunk));
+    }
+}
