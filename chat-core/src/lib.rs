@@ -27,6 +27,7 @@
 //! # });
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod buffer;
 pub mod chunk;
