@@ -7,7 +7,11 @@
 //! chat_core::testing::store_conformance(Arc::new(MyStore::connect(..).await?)).await;
 //! chat_core::testing::session_conformance(|model, config| SessionUnderTest { .. }).await;
 //! ```
-#![allow(clippy::missing_panics_doc, clippy::too_many_lines, clippy::expect_used)]
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::too_many_lines,
+    clippy::expect_used
+)]
 
 use std::future::Future;
 use std::pin::Pin;
