@@ -98,6 +98,13 @@ pub enum StoreError {
     /// The data was rejected by the store (bad encoding, row too large).
     #[error("invalid data: {0}")]
     Invalid(String),
+    /// A fenced write carried a fencing token older than one already seen for
+    /// the chat: another instance took over the turn. Never retry it.
+    #[error("write fenced off: a newer turn owns this chat")]
+    Fenced,
+    /// The store does not support this operation (see its capabilities).
+    #[error("unsupported by this store: {0}")]
+    Unsupported(&'static str),
     /// The backend is unreachable or overloaded; retrying may help.
     #[error("store unavailable: {source}")]
     Unavailable {

@@ -14,6 +14,8 @@ struct ChatEntry {
     chat: Option<Chat>,
     messages: Vec<StoredMessage>,
     index: HashMap<MessageId, usize>,
+    /// Highest fencing token seen.
+    fence: u64,
 }
 
 #[derive(Debug, Default)]
@@ -146,31 +148,7 @@ impl MessageStore for InMemoryStore {
         chat: &ChatId,
         message: &StoredMessage,
     ) -> Result<(), StoreError> {
-        let mut s = self.write();
-        owned(&s, user, chat)?;
-        let id = message.message.id.clone();
-        if let Some(other) = s.owners.get(&id)
-            && other != chat
-        {
-            return Err(StoreError::Conflict(format!(
-                "message id {id} belongs to another chat"
-            )));
-        }
-        s.owners.insert(id.clone(), *chat);
-        let entry = owned_mut(&mut s, user, chat)?;
-        if let Some(&i) = entry.index.get(&id) {
-            let slot = &mut entry.messages[i];
-            let created_at = slot.created_at;
-            *slot = message.clone();
-            slot.created_at = created_at;
-        } else {
-            entry.index.insert(id, entry.messages.len());
-            entry.messages.push(message.clone());
-        }
-        if let Some(c) = entry.chat.as_mut() {
-            c.updated_at = c.updated_at.max(message.updated_at);
-        }
-        Ok(())
+        upsert(&mut self.write(), user, chat, message, None)
     }
 
     async fn set_title_if_unset(
@@ -190,6 +168,20 @@ impl MessageStore for InMemoryStore {
         }
     }
 
+    fn supports_fencing(&self) -> bool {
+        true
+    }
+
+    async fn upsert_message_fenced(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        message: &StoredMessage,
+        fence: u64,
+    ) -> Result<(), StoreError> {
+        upsert(&mut self.write(), user, chat, message, Some(fence))
+    }
+
     async fn touch(&self, user: &UserId, chat: &ChatId, at: i64) -> Result<(), StoreError> {
         let mut s = self.write();
         let entry = owned_mut(&mut s, user, chat)?;
@@ -198,4 +190,45 @@ impl MessageStore for InMemoryStore {
         }
         Ok(())
     }
+}
+
+fn upsert(
+    s: &mut State,
+    user: &UserId,
+    chat: &ChatId,
+    message: &StoredMessage,
+    fence: Option<u64>,
+) -> Result<(), StoreError> {
+    let entry = owned(s, user, chat)?;
+    if let Some(f) = fence
+        && f < entry.fence
+    {
+        return Err(StoreError::Fenced);
+    }
+    let id = message.message.id.clone();
+    if let Some(other) = s.owners.get(&id)
+        && other != chat
+    {
+        return Err(StoreError::Conflict(format!(
+            "message id {id} belongs to another chat"
+        )));
+    }
+    s.owners.insert(id.clone(), *chat);
+    let entry = owned_mut(s, user, chat)?;
+    if let Some(f) = fence {
+        entry.fence = f;
+    }
+    if let Some(&i) = entry.index.get(&id) {
+        let slot = &mut entry.messages[i];
+        let created_at = slot.created_at;
+        *slot = message.clone();
+        slot.created_at = created_at;
+    } else {
+        entry.index.insert(id, entry.messages.len());
+        entry.messages.push(message.clone());
+    }
+    if let Some(c) = entry.chat.as_mut() {
+        c.updated_at = c.updated_at.max(message.updated_at);
+    }
+    Ok(())
 }

@@ -183,6 +183,27 @@ pub trait MessageStore: crate::MaybeSendSync + 'static {
 
     /// Moves the chat's `updated_at` to at least `at`.
     async fn touch(&self, user: &UserId, chat: &ChatId, at: i64) -> Result<(), StoreError>;
+
+    /// Whether [`upsert_message_fenced`](Self::upsert_message_fenced) is supported
+    /// (needed by multi-instance coordination).
+    fn supports_fencing(&self) -> bool {
+        false
+    }
+
+    /// [`upsert_message`](Self::upsert_message) guarded by a fencing token: the
+    /// write happens only if `fence` is at least the highest token seen for the
+    /// chat, which it then records, atomically. An older token is
+    /// [`StoreError::Fenced`]: a newer turn (on another instance) owns the chat.
+    async fn upsert_message_fenced(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        message: &StoredMessage,
+        fence: u64,
+    ) -> Result<(), StoreError> {
+        let _ = (user, chat, message, fence);
+        Err(StoreError::Unsupported("fenced writes"))
+    }
 }
 
 #[cfg(test)]

@@ -142,6 +142,10 @@ pub async fn store_conformance(store: Arc<dyn MessageStore>) {
             "parts_status_and_metadata_round_trip",
             Box::pin(round_trip(s())),
         ),
+        (
+            "fenced_writes_reject_older_tokens",
+            Box::pin(fenced_writes(s())),
+        ),
     ];
     run_checks("store_conformance", checks).await;
 }
@@ -588,6 +592,68 @@ async fn round_trip(store: Arc<dyn MessageStore>) -> CheckResult {
     );
     ensure!(got[0].status == MessageStatus::Streaming, "status lost");
     ensure!(got[0].created_at == 42, "created_at lost");
+    Ok(())
+}
+
+async fn fenced_writes(store: Arc<dyn MessageStore>) -> CheckResult {
+    if !store.supports_fencing() {
+        eprintln!(
+            "store_conformance: fenced_writes: this store declares no fencing support (multi-instance coordination unavailable)"
+        );
+        let r = store
+            .upsert_message_fenced(
+                &user(),
+                &ChatId::new(),
+                &stored(text_msg(Role::User, "x"), 1),
+                1,
+            )
+            .await;
+        ensure!(
+            matches!(r, Err(StoreError::Unsupported(_))),
+            "store without fencing must answer Unsupported, got {r:?}"
+        );
+        return Ok(());
+    }
+    let u = user();
+    let c = new_chat(&*store, &u, None).await?;
+    let old = text_msg(Role::Assistant, "old turn");
+    store
+        .upsert_message_fenced(&u, &c.id, &stored(old.clone(), 1), 5)
+        .await
+        .map_err(|e| e.to_string())?;
+    let newer = text_msg(Role::User, "new turn");
+    store
+        .upsert_message_fenced(&u, &c.id, &stored(newer, 2), 7)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut late = old.clone();
+    late.parts = vec![Part::text("late write from a paused instance")];
+    match store
+        .upsert_message_fenced(&u, &c.id, &stored(late, 3), 5)
+        .await
+    {
+        Err(StoreError::Fenced) => {}
+        other => return Err(format!("stale token: expected Fenced, got {other:?}")),
+    }
+    // Same token again is fine (a turn writes many times); other users still get NotFound.
+    store
+        .upsert_message_fenced(&u, &c.id, &stored(old, 4), 7)
+        .await
+        .map_err(|e| e.to_string())?;
+    not_found(
+        store
+            .upsert_message_fenced(&user(), &c.id, &stored(text_msg(Role::User, "x"), 1), 99)
+            .await,
+        "fenced write by other user",
+    )?;
+    let msgs = store
+        .load_messages(&u, &c.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        msgs.len() == 2 && msgs[0].message.text() == "old turn",
+        "fenced write changed data: {msgs:?}"
+    );
     Ok(())
 }
 
