@@ -31,6 +31,9 @@
 
 pub mod buffer;
 pub mod chunk;
+pub mod coord;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod coordinated;
 pub mod demo;
 pub mod error;
 pub mod ids;
@@ -51,6 +54,9 @@ pub mod validate;
 
 pub use buffer::TurnBuffer;
 pub use chunk::UiChunk;
+pub use coord::{CoordError, InProcessCoordinator, Lease, RunningTurn, TurnCoordinator};
+#[cfg(not(target_arch = "wasm32"))]
+pub use coordinated::{CoordinatedSessions, CoordinationSettings};
 pub use demo::{DemoModel, DemoScript};
 pub use error::{BoxError, Error, ModelError, StoreError, ToolError, ValidationError};
 pub use ids::{ChatId, MessageId, UserId};

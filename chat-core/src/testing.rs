@@ -1419,3 +1419,391 @@ async fn delete_running(f: Arc<dyn SessionFactory>) -> CheckResult {
         other => Err(format!("history after delete: {other:?}")),
     }
 }
+
+/// Runs every coordinator check (lease exclusivity and fencing tokens, bus
+/// replay + follow, release, stop signals, expiry) against `coord`.
+pub async fn coordinator_conformance(coord: Arc<dyn crate::TurnCoordinator>) {
+    let c = || coord.clone();
+    let checks: Vec<(&'static str, BoxFut)> = vec![
+        (
+            "lease_is_exclusive_and_tokens_increase",
+            Box::pin(coord_lease(c())),
+        ),
+        (
+            "bus_replays_then_follows_and_ends_on_release",
+            Box::pin(coord_bus(c())),
+        ),
+        ("stop_reaches_the_holder", Box::pin(coord_stop(c()))),
+        (
+            "expired_lease_can_be_taken_over",
+            Box::pin(coord_expiry(c())),
+        ),
+    ];
+    run_checks("coordinator_conformance", checks).await;
+}
+
+fn ce(e: crate::CoordError) -> String {
+    e.to_string()
+}
+
+async fn coord_lease(coord: Arc<dyn crate::TurnCoordinator>) -> CheckResult {
+    let chat = ChatId::new();
+    let ttl = Duration::from_secs(5);
+    ensure!(
+        coord.running(&chat).await.map_err(ce)?.is_none(),
+        "fresh chat has a running turn"
+    );
+    let attempts = futures::future::join_all((0..8).map(|_| coord.acquire(&chat, ttl))).await;
+    let winners: Vec<crate::Lease> = attempts
+        .into_iter()
+        .map(|r| r.map_err(ce))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    ensure!(
+        winners.len() == 1,
+        "{} concurrent acquires won",
+        winners.len()
+    );
+    let first = winners[0].clone();
+    let mid = MessageId::new();
+    coord.begin(&first, &mid).await.map_err(ce)?;
+    let running = coord
+        .running(&chat)
+        .await
+        .map_err(ce)?
+        .ok_or("no running turn")?;
+    ensure!(
+        running.token == first.token && running.message_id.as_ref() == Some(&mid),
+        "running {running:?}"
+    );
+    ensure!(
+        coord.renew(&first, ttl).await.map_err(ce)?,
+        "renew of a held lease failed"
+    );
+    coord.release(&first).await.map_err(ce)?;
+    ensure!(
+        coord.running(&chat).await.map_err(ce)?.is_none(),
+        "released lease still running"
+    );
+    ensure!(
+        !coord.renew(&first, ttl).await.map_err(ce)?,
+        "renew after release succeeded"
+    );
+    let second = coord
+        .acquire(&chat, ttl)
+        .await
+        .map_err(ce)?
+        .ok_or("re-acquire failed")?;
+    ensure!(
+        second.token > first.token,
+        "token did not increase: {} then {}",
+        first.token,
+        second.token
+    );
+    coord.release(&second).await.map_err(ce)?;
+    Ok(())
+}
+
+async fn coord_bus(coord: Arc<dyn crate::TurnCoordinator>) -> CheckResult {
+    let chat = ChatId::new();
+    let lease = coord
+        .acquire(&chat, Duration::from_secs(5))
+        .await
+        .map_err(ce)?
+        .ok_or("acquire")?;
+    coord.begin(&lease, &MessageId::new()).await.map_err(ce)?;
+    let frames: Vec<Bytes> = (0..5)
+        .map(|i| Bytes::from(format!("data: {{\"n\":{i}}}\n\n")))
+        .collect();
+    coord.publish(&lease, &frames[..2]).await.map_err(ce)?;
+    let (_, early) = coord
+        .follow(&chat)
+        .await
+        .map_err(ce)?
+        .ok_or("follow while running")?;
+    coord.publish(&lease, &frames[2..3]).await.map_err(ce)?;
+    let (_, late) = coord
+        .follow(&chat)
+        .await
+        .map_err(ce)?
+        .ok_or("second follow")?;
+    let publish_rest = async {
+        crate::sleep(Duration::from_millis(50)).await;
+        coord.publish(&lease, &frames[3..]).await.map_err(ce)?;
+        coord.release(&lease).await.map_err(ce)
+    };
+    let collect_all = |s: crate::BoxStream<'static, Bytes>| async move {
+        tokio_like_timeout(Duration::from_secs(10), s.collect::<Vec<Bytes>>()).await
+    };
+    let (r, a, b) = futures::join!(publish_rest, collect_all(early), collect_all(late));
+    r?;
+    let mut want = frames.clone();
+    want.push(Bytes::from_static(crate::sse::DONE_FRAME));
+    ensure!(a.as_ref() == Some(&want), "early follower got {a:?}");
+    ensure!(b.as_ref() == Some(&want), "late follower got {b:?}");
+    ensure!(
+        coord.follow(&chat).await.map_err(ce)?.is_none(),
+        "follow after release"
+    );
+    Ok(())
+}
+
+async fn coord_stop(coord: Arc<dyn crate::TurnCoordinator>) -> CheckResult {
+    let chat = ChatId::new();
+    ensure!(
+        !coord.request_stop(&chat).await.map_err(ce)?,
+        "stop with nothing running returned true"
+    );
+    let lease = coord
+        .acquire(&chat, Duration::from_secs(5))
+        .await
+        .map_err(ce)?
+        .ok_or("acquire")?;
+    let waiter = coord.stop_requested(&lease);
+    let requester = async {
+        crate::sleep(Duration::from_millis(50)).await;
+        coord.request_stop(&chat).await
+    };
+    let (w, r) = futures::join!(
+        tokio_like_timeout(Duration::from_secs(10), waiter),
+        requester
+    );
+    ensure!(r.map_err(ce)?, "request_stop returned false while running");
+    ensure!(
+        matches!(w, Some(Ok(()))),
+        "holder did not see the stop: {w:?}"
+    );
+    coord.release(&lease).await.map_err(ce)?;
+    Ok(())
+}
+
+async fn coord_expiry(coord: Arc<dyn crate::TurnCoordinator>) -> CheckResult {
+    let chat = ChatId::new();
+    let short = Duration::from_millis(300);
+    let old = coord
+        .acquire(&chat, short)
+        .await
+        .map_err(ce)?
+        .ok_or("acquire")?;
+    ensure!(
+        coord.acquire(&chat, short).await.map_err(ce)?.is_none(),
+        "second acquire before expiry"
+    );
+    crate::sleep(Duration::from_millis(700)).await;
+    ensure!(
+        coord.running(&chat).await.map_err(ce)?.is_none(),
+        "expired lease still running"
+    );
+    let new = coord
+        .acquire(&chat, Duration::from_secs(5))
+        .await
+        .map_err(ce)?
+        .ok_or("take over after expiry")?;
+    ensure!(new.token > old.token, "takeover token not larger");
+    ensure!(
+        !coord.renew(&old, short).await.map_err(ce)?,
+        "old holder renewed a taken-over lease"
+    );
+    coord.release(&old).await.map_err(ce)?; // must not free the new holder's lease
+    ensure!(
+        coord
+            .running(&chat)
+            .await
+            .map_err(ce)?
+            .is_some_and(|r| r.token == new.token),
+        "old release freed the new lease"
+    );
+    coord.release(&new).await.map_err(ce)?;
+    Ok(())
+}
+
+async fn tokio_like_timeout<F: Future>(d: Duration, f: F) -> Option<F::Output> {
+    let f = std::pin::pin!(f);
+    let t = std::pin::pin!(crate::sleep(d));
+    match futures::future::select(f, t).await {
+        futures::future::Either::Left((v, _)) => Some(v),
+        futures::future::Either::Right(_) => None,
+    }
+}
+
+/// Builds one server instance (a session runtime) over a shared store and
+/// coordinator, for the multi-instance suite.
+pub trait InstanceFactory:
+    Fn(Arc<dyn ModelProvider>, TurnConfig) -> Arc<dyn ChatSession> + Send + Sync
+{
+}
+impl<F: Fn(Arc<dyn ModelProvider>, TurnConfig) -> Arc<dyn ChatSession> + Send + Sync>
+    InstanceFactory for F
+{
+}
+
+/// Runs the multi-instance checks: three instances made by `instance` over one
+/// `store` (and the coordinator the factory captures).
+pub async fn multi_instance_conformance<F: InstanceFactory + 'static>(
+    store: Arc<dyn MessageStore>,
+    instance: F,
+) {
+    let f: Arc<dyn InstanceFactory> = Arc::new(instance);
+    let checks: Vec<(&'static str, BoxFut)> = vec![
+        (
+            "send_on_a_resume_on_b_replays_identically",
+            Box::pin(mi_resume(store.clone(), f.clone())),
+        ),
+        (
+            "stop_on_c_stops_the_turn_on_a",
+            Box::pin(mi_stop(store.clone(), f.clone())),
+        ),
+        (
+            "concurrent_sends_on_two_instances_one_wins",
+            Box::pin(mi_single_flight(store.clone(), f.clone())),
+        ),
+        (
+            "history_on_b_hides_the_turn_running_on_a",
+            Box::pin(mi_history(store.clone(), f.clone())),
+        ),
+    ];
+    run_checks("multi_instance_conformance", checks).await;
+}
+
+async fn mi_setup(
+    store: &Arc<dyn MessageStore>,
+    f: &Arc<dyn InstanceFactory>,
+    model: Arc<dyn ModelProvider>,
+) -> Result<(Vec<Arc<dyn ChatSession>>, UserId, ChatId), String> {
+    let nodes = (0..3).map(|_| f(model.clone(), config())).collect();
+    let u = user();
+    let chat = new_chat(&**store, &u, None).await?.id;
+    Ok((nodes, u, chat))
+}
+
+async fn mi_resume(store: Arc<dyn MessageStore>, f: Arc<dyn InstanceFactory>) -> CheckResult {
+    let (n, u, chat) = mi_setup(&store, &f, slow(20)).await?;
+    let msg = UiMessage::user_text(MessageId::new(), "hello from A");
+    let mut on_a = n[0]
+        .send(&u, &chat, SendRequest::submit(msg))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut first = Vec::new();
+    for _ in 0..6 {
+        first.extend(on_a.frames.next().await);
+    }
+    let on_b = n[1]
+        .resume(&u, &chat)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("B sees no running turn")?;
+    let (rest, replay) = futures::join!(collect(on_a), collect(on_b));
+    first.extend(rest);
+    ensure!(
+        first == replay,
+        "B's replay differs from A's stream ({} vs {} frames)",
+        first.len(),
+        replay.len()
+    );
+    let h = n[2].history(&u, &chat).await.map_err(|e| e.to_string())?;
+    ensure!(
+        h.len() == 2
+            && h[1].text().starts_with("tok0 ")
+            && finish_reason(&h[1]) == Some(FinishReason::Stop),
+        "history on C {h:?}"
+    );
+    Ok(())
+}
+
+async fn mi_stop(store: Arc<dyn MessageStore>, f: Arc<dyn InstanceFactory>) -> CheckResult {
+    let (n, u, chat) = mi_setup(&store, &f, slow(200)).await?;
+    let msg = UiMessage::user_text(MessageId::new(), "stop me from C");
+    let mut on_a = n[0]
+        .send(&u, &chat, SendRequest::submit(msg))
+        .await
+        .map_err(|e| e.to_string())?;
+    for _ in 0..6 {
+        on_a.frames.next().await;
+    }
+    ensure!(
+        n[2].stop(&u, &chat).await.map_err(|e| e.to_string())?,
+        "stop on C found no turn"
+    );
+    let rest = collect(on_a).await;
+    let (ch, done) = chunks(&rest)?;
+    ensure!(
+        done && types(&ch).last() == Some(&"abort"),
+        "A's stream did not abort: {:?}",
+        types(&ch)
+    );
+    let h = n[1].history(&u, &chat).await.map_err(|e| e.to_string())?;
+    ensure!(
+        h.len() == 2
+            && finish_reason(&h[1]) == Some(FinishReason::Abort)
+            && h[1].text().starts_with("tok0 "),
+        "partial answer {h:?}"
+    );
+    Ok(())
+}
+
+async fn mi_single_flight(
+    store: Arc<dyn MessageStore>,
+    f: Arc<dyn InstanceFactory>,
+) -> CheckResult {
+    let (n, u, chat) = mi_setup(&store, &f, slow(10)).await?;
+    let a = n[0].send(
+        &u,
+        &chat,
+        SendRequest::submit(UiMessage::user_text(MessageId::new(), "a")),
+    );
+    let b = n[1].send(
+        &u,
+        &chat,
+        SendRequest::submit(UiMessage::user_text(MessageId::new(), "b")),
+    );
+    let (a, b) = futures::join!(a, b);
+    let (ok, busy) = match (a, b) {
+        (Ok(s), Err(Error::Busy { .. })) | (Err(Error::Busy { .. }), Ok(s)) => (s, ()),
+        (a, b) => return Err(format!("expected one Ok and one Busy, got {a:?} / {b:?}")),
+    };
+    let () = busy;
+    collect(ok).await;
+    let raw = store
+        .load_messages(&u, &chat)
+        .await
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        raw.len() == 2,
+        "expected 2 rows (one turn), got {}",
+        raw.len()
+    );
+    Ok(())
+}
+
+async fn mi_history(store: Arc<dyn MessageStore>, f: Arc<dyn InstanceFactory>) -> CheckResult {
+    let (n, u, chat) = mi_setup(&store, &f, slow(40)).await?;
+    let msg = UiMessage::user_text(MessageId::new(), "running on A");
+    let mut on_a = n[0]
+        .send(&u, &chat, SendRequest::submit(msg))
+        .await
+        .map_err(|e| e.to_string())?;
+    for _ in 0..10 {
+        on_a.frames.next().await;
+    }
+    crate::sleep(Duration::from_millis(60)).await;
+    let h = n[1].history(&u, &chat).await.map_err(|e| e.to_string())?;
+    ensure!(
+        h.len() == 1 && h[0].role == Role::User,
+        "B lists the running answer: {h:?}"
+    );
+    match n[1]
+        .send(
+            &u,
+            &chat,
+            SendRequest::submit(UiMessage::user_text(MessageId::new(), "x")),
+        )
+        .await
+    {
+        Err(Error::Busy { .. }) => {}
+        other => return Err(format!("send on B while A runs: {other:?}")),
+    }
+    collect(on_a).await;
+    Ok(())
+}

@@ -92,6 +92,8 @@ pub struct PreparedTurn {
     pub conversation: Vec<UiMessage>,
     /// Creation time of the assistant message, epoch ms.
     pub created_at: i64,
+    /// Fencing token every write of this turn carries (multi-instance runtimes).
+    pub fence: Option<u64>,
 }
 
 /// How a turn ended.
@@ -238,6 +240,18 @@ impl TurnRunner {
         chat: &Chat,
         request: SendRequest,
     ) -> Result<PreparedTurn, Error> {
+        self.prepare_fenced(user, chat, request, None).await
+    }
+
+    /// [`prepare`](Self::prepare) for a turn whose writes carry the fencing
+    /// token `fence` (see [`MessageStore::upsert_message_fenced`]).
+    pub async fn prepare_fenced(
+        &self,
+        user: &UserId,
+        chat: &Chat,
+        request: SendRequest,
+        fence: Option<u64>,
+    ) -> Result<PreparedTurn, Error> {
         let now = crate::now_ms();
         let history = self.store.load_messages(user, &chat.id).await?;
         let mut conversation: Vec<UiMessage> = Vec::with_capacity(history.len() + 1);
@@ -280,7 +294,7 @@ impl TurnRunner {
                     updated_at: now,
                     status: MessageStatus::Complete,
                 };
-                self.store.upsert_message(user, &chat.id, &stored).await?;
+                self.write(user, &chat.id, &stored, fence).await?;
                 conversation.push(msg);
             }
             Trigger::RegenerateMessage => {
@@ -335,6 +349,7 @@ impl TurnRunner {
             assistant_id,
             conversation,
             created_at: now,
+            fence,
         })
     }
 
@@ -605,8 +620,7 @@ impl TurnRunner {
             status: MessageStatus::Streaming,
         };
         if let Err(e) = self
-            .store
-            .upsert_message(&turn.user, &turn.chat, &stored)
+            .write(&turn.user, &turn.chat, &stored, turn.fence)
             .await
         {
             tracing::warn!(chat_id = %turn.chat, message_id = %turn.assistant_id, error = %e,
@@ -670,6 +684,23 @@ impl TurnRunner {
         }
     }
 
+    async fn write(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        message: &StoredMessage,
+        fence: Option<u64>,
+    ) -> Result<(), StoreError> {
+        match fence {
+            Some(f) => {
+                self.store
+                    .upsert_message_fenced(user, chat, message, f)
+                    .await
+            }
+            None => self.store.upsert_message(user, chat, message).await,
+        }
+    }
+
     /// Writes the final message, retrying retryable store errors with backoff.
     async fn store_final(&self, turn: &PreparedTurn, msg: &UiMessage) -> bool {
         let mut backoff = self.config.finalize_backoff;
@@ -682,8 +713,7 @@ impl TurnRunner {
                 status: MessageStatus::Complete,
             };
             match self
-                .store
-                .upsert_message(&turn.user, &turn.chat, &stored)
+                .write(&turn.user, &turn.chat, &stored, turn.fence)
                 .await
             {
                 Ok(()) => return true,
