@@ -10,7 +10,8 @@
 #![allow(
     clippy::missing_panics_doc,
     clippy::too_many_lines,
-    clippy::expect_used
+    clippy::expect_used,
+    clippy::needless_pass_by_value
 )]
 
 use std::future::Future;
