@@ -1,5 +1,6 @@
 //! Replay + live follow of one turn's SSE frames.
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -102,15 +103,13 @@ impl TurnBuffer {
         }
     }
 
-    /// Frames `from..` currently available (cheap `Bytes` clones) and whether the buffer is closed.
-    fn read_from(&self, from: usize) -> (Vec<Bytes>, bool) {
+    /// Appends frames `from..` (cheap `Bytes` clones) to `out`, reusing its
+    /// capacity; returns how many were added and whether the buffer is closed.
+    fn read_into(&self, from: usize, out: &mut VecDeque<Bytes>) -> (usize, bool) {
         let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let batch = s
-            .frames
-            .get(from..)
-            .map(<[Bytes]>::to_vec)
-            .unwrap_or_default();
-        (batch, s.closed)
+        let new = s.frames.get(from..).unwrap_or_default();
+        out.extend(new.iter().cloned());
+        (new.len(), s.closed)
     }
 
     /// A stream of every frame from the first, then live, ending after `[DONE]`.
@@ -119,14 +118,14 @@ impl TurnBuffer {
             buf: std::sync::Arc<TurnBuffer>,
             rx: watch::Receiver<usize>,
             pos: usize,
-            pending: std::collections::VecDeque<Bytes>,
+            pending: VecDeque<Bytes>,
         }
         let rx = self.len.subscribe();
         let st = St {
             buf: self,
             rx,
             pos: 0,
-            pending: std::collections::VecDeque::new(),
+            pending: VecDeque::with_capacity(16),
         };
         let s = futures::stream::unfold(st, |mut st| async move {
             loop {
@@ -134,10 +133,9 @@ impl TurnBuffer {
                     return Some((f, st));
                 }
                 st.rx.borrow_and_update();
-                let (batch, closed) = st.buf.read_from(st.pos);
-                if !batch.is_empty() {
-                    st.pos += batch.len();
-                    st.pending.extend(batch);
+                let (added, closed) = st.buf.read_into(st.pos, &mut st.pending);
+                if added > 0 {
+                    st.pos += added;
                     continue;
                 }
                 if closed || st.rx.changed().await.is_err() {

@@ -429,57 +429,51 @@ impl TurnRunner {
                 match event {
                     ModelEvent::TextDelta(delta) => {
                         draft.close_reasoning(sink);
-                        let (idx, id) = match &draft.open_text {
-                            Some((idx, id)) => (*idx, id.clone()),
-                            None => {
-                                let id = draft.next_id("text");
-                                sink.emit(&UiChunk::TextStart {
-                                    id: Cow::Borrowed(&id),
-                                });
-                                draft.msg.parts.push(Part::Text(TextPart {
-                                    text: String::new(),
-                                    state: Some(TextState::Streaming),
-                                    provider_metadata: None,
-                                }));
-                                let idx = draft.msg.parts.len() - 1;
-                                draft.open_text = Some((idx, id.clone()));
-                                (idx, id)
-                            }
-                        };
-                        if let Some(Part::Text(t)) = draft.msg.parts.get_mut(idx) {
-                            t.text.push_str(&delta);
+                        if draft.open_text.is_none() {
+                            let id = draft.next_id("text");
+                            sink.emit(&UiChunk::TextStart {
+                                id: Cow::Borrowed(&id),
+                            });
+                            draft.msg.parts.push(Part::Text(TextPart {
+                                text: String::new(),
+                                state: Some(TextState::Streaming),
+                                provider_metadata: None,
+                            }));
+                            draft.open_text = Some((draft.msg.parts.len() - 1, id));
                         }
-                        sink.emit(&UiChunk::TextDelta {
-                            id: Cow::Owned(id),
-                            delta: Cow::Borrowed(&delta),
-                        });
+                        if let Some((idx, id)) = &draft.open_text {
+                            if let Some(Part::Text(t)) = draft.msg.parts.get_mut(*idx) {
+                                t.text.push_str(&delta);
+                            }
+                            sink.emit(&UiChunk::TextDelta {
+                                id: Cow::Borrowed(id),
+                                delta: Cow::Borrowed(&delta),
+                            });
+                        }
                     }
                     ModelEvent::ReasoningDelta(delta) => {
                         draft.close_text(sink);
-                        let (idx, id) = match &draft.open_reasoning {
-                            Some((idx, id)) => (*idx, id.clone()),
-                            None => {
-                                let id = draft.next_id("reasoning");
-                                sink.emit(&UiChunk::ReasoningStart {
-                                    id: Cow::Borrowed(&id),
-                                });
-                                draft.msg.parts.push(Part::Reasoning(TextPart {
-                                    text: String::new(),
-                                    state: Some(TextState::Streaming),
-                                    provider_metadata: None,
-                                }));
-                                let idx = draft.msg.parts.len() - 1;
-                                draft.open_reasoning = Some((idx, id.clone()));
-                                (idx, id)
-                            }
-                        };
-                        if let Some(Part::Reasoning(t)) = draft.msg.parts.get_mut(idx) {
-                            t.text.push_str(&delta);
+                        if draft.open_reasoning.is_none() {
+                            let id = draft.next_id("reasoning");
+                            sink.emit(&UiChunk::ReasoningStart {
+                                id: Cow::Borrowed(&id),
+                            });
+                            draft.msg.parts.push(Part::Reasoning(TextPart {
+                                text: String::new(),
+                                state: Some(TextState::Streaming),
+                                provider_metadata: None,
+                            }));
+                            draft.open_reasoning = Some((draft.msg.parts.len() - 1, id));
                         }
-                        sink.emit(&UiChunk::ReasoningDelta {
-                            id: Cow::Owned(id),
-                            delta: Cow::Borrowed(&delta),
-                        });
+                        if let Some((idx, id)) = &draft.open_reasoning {
+                            if let Some(Part::Reasoning(t)) = draft.msg.parts.get_mut(*idx) {
+                                t.text.push_str(&delta);
+                            }
+                            sink.emit(&UiChunk::ReasoningDelta {
+                                id: Cow::Borrowed(id),
+                                delta: Cow::Borrowed(&delta),
+                            });
+                        }
                     }
                     ModelEvent::ToolInputStart { id, name } => {
                         draft.close_all(sink);
