@@ -1,0 +1,332 @@
+//! The `MessageStore` implementation, written once and instantiated for each
+//! backend by `message_store_impl!` with that backend's SQL dialect bits.
+
+/// Largest encoded message (parts + metadata) accepted, in bytes.
+pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
+
+/// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
+/// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
+macro_rules! message_store_impl {
+    ($store:ty, greatest = $greatest:literal, lock = $lock:literal) => {
+        #[async_trait::async_trait]
+        impl chat_core::MessageStore for $store {
+            async fn create_chat(
+                &self,
+                user: &chat_core::UserId,
+                new: chat_core::NewChat,
+            ) -> Result<chat_core::Chat, chat_core::StoreError> {
+                let id = new.id.to_string();
+                sqlx::query(
+                    "INSERT INTO chats (id, user_id, title, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $4)",
+                )
+                .bind(&id)
+                .bind(user.as_str())
+                .bind(new.title.as_deref())
+                .bind(new.created_at)
+                .execute(self.writer())
+                .await
+                .map_err($crate::error::map)?;
+                Ok(chat_core::Chat {
+                    id: new.id,
+                    user_id: user.clone(),
+                    title: new.title,
+                    created_at: new.created_at,
+                    updated_at: new.created_at,
+                })
+            }
+
+            async fn list_chats(
+                &self,
+                user: &chat_core::UserId,
+                page: chat_core::PageRequest,
+            ) -> Result<chat_core::ChatPage, chat_core::StoreError> {
+                use sqlx::Row as _;
+                let limit = i64::from(page.limit.clamp(1, 1000));
+                let rows = match page.cursor {
+                    None => sqlx::query(
+                        "SELECT id, user_id, title, created_at, updated_at FROM chats \
+                         WHERE user_id = $1 ORDER BY updated_at DESC, id DESC LIMIT $2",
+                    )
+                    .bind(user.as_str())
+                    .bind(limit + 1)
+                    .fetch_all(self.reader())
+                    .await,
+                    Some(c) => sqlx::query(
+                        "SELECT id, user_id, title, created_at, updated_at FROM chats \
+                         WHERE user_id = $1 AND (updated_at < $2 OR (updated_at = $2 AND id < $3)) \
+                         ORDER BY updated_at DESC, id DESC LIMIT $4",
+                    )
+                    .bind(user.as_str())
+                    .bind(c.updated_at)
+                    .bind(c.id.to_string())
+                    .bind(limit + 1)
+                    .fetch_all(self.reader())
+                    .await,
+                }
+                .map_err($crate::error::map)?;
+                let mut chats = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    chats.push($crate::schema::chat(
+                        r.try_get("id").map_err($crate::error::map)?,
+                        r.try_get("user_id").map_err($crate::error::map)?,
+                        r.try_get("title").map_err($crate::error::map)?,
+                        r.try_get("created_at").map_err($crate::error::map)?,
+                        r.try_get("updated_at").map_err($crate::error::map)?,
+                    )?);
+                }
+                let more = chats.len() as i64 > limit;
+                chats.truncate(limit as usize);
+                let next_cursor = if more { chats.last().map(chat_core::ChatCursor::after) } else { None };
+                Ok(chat_core::ChatPage { chats, next_cursor })
+            }
+
+            async fn get_chat(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+            ) -> Result<chat_core::Chat, chat_core::StoreError> {
+                use sqlx::Row as _;
+                let row = sqlx::query(
+                    "SELECT id, user_id, title, created_at, updated_at FROM chats \
+                     WHERE id = $1 AND user_id = $2",
+                )
+                .bind(chat.to_string())
+                .bind(user.as_str())
+                .fetch_optional(self.reader())
+                .await
+                .map_err($crate::error::map)?
+                .ok_or(chat_core::StoreError::NotFound)?;
+                $crate::schema::chat(
+                    row.try_get("id").map_err($crate::error::map)?,
+                    row.try_get("user_id").map_err($crate::error::map)?,
+                    row.try_get("title").map_err($crate::error::map)?,
+                    row.try_get("created_at").map_err($crate::error::map)?,
+                    row.try_get("updated_at").map_err($crate::error::map)?,
+                )
+            }
+
+            async fn delete_chat(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+            ) -> Result<(), chat_core::StoreError> {
+                // One statement: the messages go with the chat through ON DELETE CASCADE.
+                let done = sqlx::query("DELETE FROM chats WHERE id = $1 AND user_id = $2")
+                    .bind(chat.to_string())
+                    .bind(user.as_str())
+                    .execute(self.writer())
+                    .await
+                    .map_err($crate::error::map)?;
+                if done.rows_affected() == 0 {
+                    return Err(chat_core::StoreError::NotFound);
+                }
+                Ok(())
+            }
+
+            async fn load_messages(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+            ) -> Result<Vec<chat_core::StoredMessage>, chat_core::StoreError> {
+                use sqlx::Row as _;
+                // One scoped query: no row = no such chat (for this user);
+                // one row with NULL message columns = an empty chat.
+                let rows = sqlx::query(
+                    "SELECT m.id, m.role, m.content, m.metadata, m.status, m.created_at, m.updated_at \
+                     FROM chats c LEFT JOIN messages m ON m.chat_id = c.id \
+                     WHERE c.id = $1 AND c.user_id = $2 ORDER BY m.seq",
+                )
+                .bind(chat.to_string())
+                .bind(user.as_str())
+                .fetch_all(self.reader())
+                .await
+                .map_err($crate::error::map)?;
+                if rows.is_empty() {
+                    return Err(chat_core::StoreError::NotFound);
+                }
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let Some(id) = r.try_get::<Option<&str>, _>("id").map_err($crate::error::map)? else {
+                        continue;
+                    };
+                    out.push($crate::schema::decode(
+                        id,
+                        r.try_get("role").map_err($crate::error::map)?,
+                        r.try_get("content").map_err($crate::error::map)?,
+                        r.try_get("metadata").map_err($crate::error::map)?,
+                        r.try_get("status").map_err($crate::error::map)?,
+                        r.try_get("created_at").map_err($crate::error::map)?,
+                        r.try_get("updated_at").map_err($crate::error::map)?,
+                    )?);
+                }
+                Ok(out)
+            }
+
+            async fn upsert_message(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+                message: &chat_core::StoredMessage,
+            ) -> Result<(), chat_core::StoreError> {
+                self.upsert(user, chat, message, None).await
+            }
+
+            async fn set_title_if_unset(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+                title: &str,
+            ) -> Result<bool, chat_core::StoreError> {
+                let done = sqlx::query(
+                    "UPDATE chats SET title = $3 WHERE id = $1 AND user_id = $2 AND title IS NULL",
+                )
+                .bind(chat.to_string())
+                .bind(user.as_str())
+                .bind(title)
+                .execute(self.writer())
+                .await
+                .map_err($crate::error::map)?;
+                if done.rows_affected() == 1 {
+                    return Ok(true);
+                }
+                // Tell "already titled" from "not yours / not there".
+                self.get_chat(user, chat).await.map(|_| false)
+            }
+
+            async fn touch(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+                at: i64,
+            ) -> Result<(), chat_core::StoreError> {
+                let done = sqlx::query(concat!(
+                    "UPDATE chats SET updated_at = ", $greatest, "(updated_at, $3) ",
+                    "WHERE id = $1 AND user_id = $2"
+                ))
+                .bind(chat.to_string())
+                .bind(user.as_str())
+                .bind(at)
+                .execute(self.writer())
+                .await
+                .map_err($crate::error::map)?;
+                if done.rows_affected() == 0 {
+                    return Err(chat_core::StoreError::NotFound);
+                }
+                Ok(())
+            }
+
+            fn supports_fencing(&self) -> bool {
+                true
+            }
+
+            async fn upsert_message_fenced(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+                message: &chat_core::StoredMessage,
+                fence: u64,
+            ) -> Result<(), chat_core::StoreError> {
+                self.upsert(user, chat, message, Some(fence)).await
+            }
+        }
+
+        impl $store {
+            /// Insert-or-replace-in-place plus chat touch (and fence check), in one transaction.
+            async fn upsert(
+                &self,
+                user: &chat_core::UserId,
+                chat: &chat_core::ChatId,
+                message: &chat_core::StoredMessage,
+                fence: Option<u64>,
+            ) -> Result<(), chat_core::StoreError> {
+                use sqlx::Row as _;
+                let row = $crate::schema::encode(message, self.max_row_bytes)?;
+                let chat_id = chat.to_string();
+                let fence = fence.map(|f| i64::try_from(f).unwrap_or(i64::MAX));
+                let mut tx = self.writer().begin().await.map_err($crate::error::map)?;
+                let current: i64 = sqlx::query(concat!(
+                    "SELECT fence FROM chats WHERE id = $1 AND user_id = $2", $lock
+                ))
+                .bind(&chat_id)
+                .bind(user.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err($crate::error::map)?
+                .ok_or(chat_core::StoreError::NotFound)?
+                .try_get("fence")
+                .map_err($crate::error::map)?;
+                if let Some(f) = fence
+                    && f < current
+                {
+                    return Err(chat_core::StoreError::Fenced);
+                }
+                let updated = sqlx::query(
+                    "UPDATE messages SET role = $3, content = $4, metadata = $5, status = $6, \
+                     finish_reason = $7, updated_at = $8 WHERE id = $1 AND chat_id = $2",
+                )
+                .bind(&row.id)
+                .bind(&chat_id)
+                .bind(row.role)
+                .bind(&row.content)
+                .bind(row.metadata.as_deref())
+                .bind(row.status)
+                .bind(row.finish_reason)
+                .bind(row.updated_at)
+                .execute(&mut *tx)
+                .await
+                .map_err($crate::error::map)?;
+                if updated.rows_affected() == 0 {
+                    let seq: i64 = sqlx::query(
+                        "UPDATE chats SET next_seq = next_seq + 1 WHERE id = $1 RETURNING next_seq",
+                    )
+                    .bind(&chat_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err($crate::error::map)?
+                    .try_get("next_seq")
+                    .map_err($crate::error::map)?;
+                    let inserted = sqlx::query(
+                        "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
+                         finish_reason, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(&row.id)
+                    .bind(&chat_id)
+                    .bind(seq)
+                    .bind(row.role)
+                    .bind(&row.content)
+                    .bind(row.metadata.as_deref())
+                    .bind(row.status)
+                    .bind(row.finish_reason)
+                    .bind(row.created_at)
+                    .bind(row.updated_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err($crate::error::map)?;
+                    if inserted.rows_affected() == 0 {
+                        // The id exists in another chat: never overwrite it.
+                        return Err(chat_core::StoreError::Conflict(format!(
+                            "message id {} belongs to another chat",
+                            row.id
+                        )));
+                    }
+                }
+                sqlx::query(concat!(
+                    "UPDATE chats SET updated_at = ", $greatest, "(updated_at, $2), ",
+                    "fence = ", $greatest, "(fence, $3) WHERE id = $1"
+                ))
+                .bind(&chat_id)
+                .bind(row.updated_at)
+                .bind(fence.unwrap_or(0))
+                .execute(&mut *tx)
+                .await
+                .map_err($crate::error::map)?;
+                tx.commit().await.map_err($crate::error::map)?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use message_store_impl;
