@@ -1,0 +1,336 @@
+//! The contract as an Axum [`Router`]: mount it into your app with `merge` or
+//! `nest`, wrap it in your own layers, plug your own [`Authenticator`](crate::Authenticator).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chat_core::{TurnStream, UI_STREAM_HEADERS, UserId};
+use futures::StreamExt;
+use tower_http::cors::CorsLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::dto::{
+    ChatListResponse, CreateChatResponse, DeleteResponse, HistoryResponse, ListQuery,
+    MessagesResponse, StopResponse,
+};
+use crate::error::{ApiError, ErrorBody};
+use crate::service::{ChatService, parse_chat_id};
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = Response::new(Body::from(self.body()));
+        *res.status_mut() = self.status;
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        res
+    }
+}
+
+/// Settings of the router beyond the service.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// Timeout of every non-streaming route (default 30 s).
+    pub request_timeout: Duration,
+    /// Comment frames sent on a stream silent this long (default 15 s; `None` = never).
+    pub keep_alive: Option<Duration>,
+    /// CORS policy (default: none, same-origin only).
+    pub cors: Option<CorsLayer>,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            keep_alive: Some(Duration::from_secs(15)),
+            cors: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    service: ChatService,
+    keep_alive: Option<Duration>,
+}
+
+/// The authenticated user of a request (401 otherwise).
+#[derive(Debug, Clone)]
+pub struct AuthUser(pub UserId);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match state.service.authenticator().authenticate(parts).await {
+            Ok(u) => Ok(AuthUser(u)),
+            Err(e) => {
+                tracing::debug!(reason = e.0, "unauthenticated request");
+                Err(ApiError::unauthorized())
+            }
+        }
+    }
+}
+
+/// A JSON request body as raw bytes: 415 unless `application/json`, 413 over the limit.
+struct JsonBytes(Bytes);
+
+impl FromRequest<AppState> for JsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let has_body = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() != b"0");
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                let ct = ct.split(';').next().unwrap_or_default().trim();
+                ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
+            });
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large(state.service.body_limit())
+                } else {
+                    ApiError::bad_request("could not read the request body")
+                }
+            })?;
+        if !json && has_body && !bytes.is_empty() {
+            return Err(ApiError::unsupported_media_type());
+        }
+        Ok(JsonBytes(bytes))
+    }
+}
+
+fn chat_id(raw: &str) -> Result<chat_core::ChatId, ApiError> {
+    parse_chat_id(raw)
+}
+
+fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Response {
+    let frames = turn.frames;
+    let body = match keep_alive {
+        None => Body::from_stream(frames.map(Ok::<_, Infallible>)),
+        Some(every) => Body::from_stream(with_keep_alive(frames, every).map(Ok::<_, Infallible>)),
+    };
+    let mut res = Response::new(body);
+    for (k, v) in UI_STREAM_HEADERS {
+        res.headers_mut().insert(k, HeaderValue::from_static(v));
+    }
+    res
+}
+
+/// Inserts `: keep-alive` comment frames while the stream is silent (SSE
+/// parsers, the AI SDK's included, ignore comments).
+fn with_keep_alive(
+    frames: chat_core::BoxStream<'static, Bytes>,
+    every: Duration,
+) -> impl futures::Stream<Item = Bytes> + Send {
+    futures::stream::unfold(frames, move |mut frames| async move {
+        match tokio::time::timeout(every, frames.next()).await {
+            Ok(Some(f)) => Some((f, frames)),
+            Ok(None) => None,
+            Err(_) => Some((Bytes::from_static(b": keep-alive\n\n"), frames)),
+        }
+    })
+}
+
+/// Creates a chat.
+#[utoipa::path(post, path = "/api/chat", tag = "chats",
+    request_body(content = Option<crate::dto::CreateChatRequest>, content_type = "application/json"),
+    responses((status = 200, body = CreateChatResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0))]
+async fn create_chat(
+    State(s): State<AppState>,
+    user: AuthUser,
+    JsonBytes(body): JsonBytes,
+) -> Result<Json<CreateChatResponse>, ApiError> {
+    s.service.create_chat(&user.0, &body).await.map(Json)
+}
+
+/// Lists the caller's chats, most recently updated first.
+#[utoipa::path(get, path = "/api/chat", tag = "chats", params(ListQuery),
+    responses((status = 200, body = ChatListResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0))]
+async fn list_chats(
+    State(s): State<AppState>,
+    user: AuthUser,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ChatListResponse>, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::bad_request(format!("Invalid query: {}", e.body_text())))?;
+    s.service
+        .list_chats(&user.0, q.limit, q.cursor.as_deref())
+        .await
+        .map(Json)
+}
+
+/// The chat's messages in the seed's shape (`content` = JSON string of parts).
+#[utoipa::path(get, path = "/api/chat/{chatId}/history", tag = "chats",
+    params(("chatId" = String, Path)),
+    responses((status = 200, body = HistoryResponse), (status = 404, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0, chat = %raw))]
+async fn history(
+    State(s): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Json<HistoryResponse>, ApiError> {
+    s.service.history(&user.0, &chat_id(&raw)?).await.map(Json)
+}
+
+/// The chat's messages as AI SDK `UIMessage`s.
+#[utoipa::path(get, path = "/api/chat/{chatId}/messages", tag = "chats",
+    params(("chatId" = String, Path)),
+    responses((status = 200, body = MessagesResponse), (status = 404, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0, chat = %raw))]
+async fn messages(
+    State(s): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Json<MessagesResponse>, ApiError> {
+    s.service.messages(&user.0, &chat_id(&raw)?).await.map(Json)
+}
+
+/// Deletes the chat and its messages (a running generation is stopped).
+#[utoipa::path(delete, path = "/api/chat/{chatId}", tag = "chats",
+    params(("chatId" = String, Path)),
+    responses((status = 200, body = DeleteResponse), (status = 404, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0, chat = %raw))]
+async fn delete_chat(
+    State(s): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Json<DeleteResponse>, ApiError> {
+    s.service.delete(&user.0, &chat_id(&raw)?).await.map(Json)
+}
+
+/// Sends a user message and streams the answer (AI SDK UI message stream).
+#[utoipa::path(post, path = "/api/chat/{chatId}/messages", tag = "stream",
+    params(("chatId" = String, Path)),
+    request_body(content = crate::dto::SendMessageBody, content_type = "application/json"),
+    responses((status = 200, description = "UI message stream", content_type = "text/event-stream", body = String),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0, chat = %raw))]
+async fn send(
+    State(s): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+    JsonBytes(body): JsonBytes,
+) -> Result<Response, ApiError> {
+    let turn = s.service.send(&user.0, &chat_id(&raw)?, &body).await?;
+    Ok(stream_response(turn, s.keep_alive))
+}
+
+/// Resumes the running generation (replay from its start, then live); 204 when none runs.
+#[utoipa::path(get, path = "/api/chat/{chatId}/stream", tag = "stream",
+    params(("chatId" = String, Path)),
+    responses((status = 200, description = "UI message stream", content_type = "text/event-stream", body = String),
+        (status = 204, description = "No generation is running"), (status = 404, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0, chat = %raw))]
+async fn resume(
+    State(s): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.service.resume(&user.0, &chat_id(&raw)?).await? {
+        Some(turn) => Ok(stream_response(turn, s.keep_alive)),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+/// Stops the running generation; what was generated so far is kept.
+#[utoipa::path(post, path = "/api/chat/{chatId}/stop", tag = "stream",
+    params(("chatId" = String, Path)),
+    responses((status = 200, body = StopResponse), (status = 404, body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user = %user.0, chat = %raw))]
+async fn stop(
+    State(s): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Json<StopResponse>, ApiError> {
+    s.service.stop(&user.0, &chat_id(&raw)?).await.map(Json)
+}
+
+/// Liveness probe.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// A JSON 404 for unknown routes; use it as your app's fallback if you like.
+#[allow(clippy::unused_async)] // an axum handler must be async
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "Not found")
+}
+
+/// The OpenAPI document of the contract, generated from the handlers and types.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "chat-rs HTTP API", description = "Chats, history and the AI SDK UI message stream"),
+    paths(create_chat, list_chats, history, messages, delete_chat, send, resume, stop, healthz),
+    tags((name = "chats"), (name = "stream"), (name = "ops"))
+)]
+pub struct ApiDoc;
+
+/// The whole contract with default options.
+pub fn router(service: ChatService) -> Router {
+    router_with(service, RouterOptions::default())
+}
+
+/// The whole contract: `/api/*`, `/healthz`, `/openapi.json`.
+pub fn router_with(service: ChatService, options: RouterOptions) -> Router {
+    let body_limit = service.body_limit();
+    let state = AppState {
+        service,
+        keep_alive: options.keep_alive,
+    };
+    // Non-streaming routes get a timeout; streams live as long as their turn.
+    let json = Router::new()
+        .route("/api/chat", post(create_chat).get(list_chats))
+        .route("/api/chat/{chat_id}", axum::routing::delete(delete_chat))
+        .route("/api/chat/{chat_id}/history", get(history))
+        .route("/api/chat/{chat_id}/stop", post(stop))
+        .route("/api/chat/{chat_id}/messages", get(messages))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            options.request_timeout,
+        ));
+    let streams = Router::new()
+        .route("/api/chat/{chat_id}/messages", post(send))
+        .route("/api/chat/{chat_id}/stream", get(resume));
+    let mut app = Router::new()
+        .merge(json)
+        .merge(streams)
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state);
+    if let Some(cors) = options.cors {
+        app = app.layer(cors);
+    }
+    app
+}
