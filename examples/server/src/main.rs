@@ -170,13 +170,16 @@ async fn main() -> anyhow::Result<()> {
     let addr = SocketAddr::new(settings.bind, settings.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr}"))?
-        // Each SSE frame is small: without NODELAY it waits on Nagle + delayed ACK.
-        .tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = listener.local_addr()?;
+    // Machine-readable for scripts and tests (PORT=0 picks a free port).
+    println!("listening on http://{addr}");
+    // Each SSE frame is small: without NODELAY it waits on Nagle + delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     tracing::info!(url = %format!("http://{addr}"), model = model.name(), "chat server listening");
     let grace = Duration::from_millis(settings.shutdown_grace_ms);
     axum::serve(listener, app)
