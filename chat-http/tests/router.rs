@@ -1,0 +1,126 @@
+//! Router-level tests without a network: request parsing never panics, keep-alive
+//! comments are valid SSE that parsers skip, JSON errors for extractor rejections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use chat_core::{DemoModel, InMemoryStore, LocalSessions, MessageStore, TurnConfig, parse_sse};
+use chat_http::axum::{RouterOptions, router_with};
+use chat_http::{ChatService, DevHeaderAuth, parse_send_body};
+use http::Request;
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use tower::ServiceExt;
+
+fn app(delay_ms: u64, keep_alive_ms: u64) -> axum::Router {
+    let store: Arc<dyn MessageStore> = Arc::new(InMemoryStore::new());
+    let model = Arc::new(DemoModel::new(3).with_delay(Duration::from_millis(delay_ms)));
+    let sessions = Arc::new(LocalSessions::new(
+        store.clone(),
+        model,
+        TurnConfig::default(),
+    ));
+    let service = ChatService::new(store, sessions, Arc::new(DevHeaderAuth::new()));
+    router_with(
+        service,
+        RouterOptions {
+            keep_alive: Some(Duration::from_millis(keep_alive_ms)),
+            ..RouterOptions::default()
+        },
+    )
+}
+
+async fn call(app: &axum::Router, req: Request<Body>) -> (u16, Vec<u8>) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status().as_u16();
+    (
+        status,
+        res.into_body().collect().await.unwrap().to_bytes().to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn keep_alive_comments_on_silent_streams_are_skipped_by_parsers() {
+    let app = app(120, 30);
+    let (_, body) = call(
+        &app,
+        Request::post("/api/chat")
+            .header("x-user-id", "ka")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let chat: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = chat["chatId"].as_str().unwrap();
+    let msg = serde_json::json!({"message": {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}});
+    let req = Request::post(format!("/api/chat/{id}/messages"))
+        .header("x-user-id", "ka")
+        .header("content-type", "application/json")
+        .body(Body::from(msg.to_string()))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body.clone()).unwrap();
+    assert!(
+        text.contains(": keep-alive\n\n"),
+        "no keep-alive during 120 ms silences: {text}"
+    );
+    let (chunks, done) = parse_sse(&body).unwrap();
+    assert!(done);
+    assert_eq!(
+        chunks
+            .iter()
+            .filter(|c| c.type_name() == "text-delta")
+            .count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn extractor_rejections_are_json() {
+    let app = app(0, 1000);
+    let (status, body) = call(
+        &app,
+        Request::get("/api/chat?limit=abc")
+            .header("x-user-id", "u")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"].is_string());
+    let (status, body) = call(
+        &app,
+        Request::get("/api/chat/nope/history")
+            .header("x-user-id", "u")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("UUID"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn send_body_parsing_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_send_body(&chat_core::ChatId::new(), &body);
+    }
+
+    #[test]
+    fn json_shaped_send_bodies_never_panic(
+        trigger in proptest::option::of("[a-z-]{0,24}"),
+        text in any::<String>(),
+        id in any::<String>(),
+        role in "(user|assistant|system|robot)",
+        part_type in "(text|reasoning|file|tool-x|dynamic-tool|data-y|step-start|\\PC{0,8})",
+    ) {
+        let body = serde_json::json!({
+            "trigger": trigger,
+            "message": {"id": id, "role": role, "parts": [{"type": part_type, "text": text}]},
+        });
+        let _ = parse_send_body(&chat_core::ChatId::new(), body.to_string().as_bytes());
+    }
+}
