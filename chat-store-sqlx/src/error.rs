@@ -28,11 +28,16 @@ pub(crate) fn map(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// Postgres SQLSTATEs are always five characters (some all digits, like
+/// `08006`); SQLite result codes are decimal numbers of at most four digits.
+///
 /// SQLite: 5 BUSY, 6 LOCKED (and their extended codes, e.g. 261, 517).
 /// Postgres: class 08 connection exceptions, 40001 serialization failure,
 /// 40P01 deadlock, 53xxx insufficient resources, 57P0x shutdowns.
 fn is_transient(code: &str) -> bool {
-    if let Ok(n) = code.parse::<i32>() {
+    if code.len() != 5
+        && let Ok(n) = code.parse::<i32>()
+    {
         return matches!(n & 0xff, 5 | 6);
     }
     code.starts_with("08")
@@ -52,5 +57,8 @@ mod tests {
         assert!(is_transient("57P01"));
         assert!(is_transient("08006"));
         assert!(!is_transient("23505"));
+        assert!(is_transient("53300"));
+        assert!(is_transient("40001"));
+        assert!(!is_transient("1555"));
     }
 }
