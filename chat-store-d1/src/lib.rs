@@ -1,0 +1,13 @@
+//! Cloudflare Workers backend of chat-rs (wasm32 only): [`D1Store`], the
+//! [`MessageStore`](chat_core::MessageStore) on D1 with the same schema as
+//! chat-store-sqlx's SQLite migrations (`migrations/`, applied with
+//! `wrangler d1 migrations apply`).
+//!
+//! On the host the crate is empty, so `cargo test --workspace` never builds `worker`.
+#![cfg(target_arch = "wasm32")]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod store;
+
+pub use store::{D1Error, D1Store};
