@@ -28,7 +28,13 @@ pub struct D1Error(pub String);
 fn backend(e: &worker::Error) -> StoreError {
     let text = e.to_string();
     // Transient conditions D1 reports as text; everything else is permanent.
-    let transient = ["Network connection lost", "overloaded", "timed out", "reset", "try again"];
+    let transient = [
+        "Network connection lost",
+        "overloaded",
+        "timed out",
+        "reset",
+        "try again",
+    ];
     if transient.iter().any(|t| text.contains(t)) {
         StoreError::unavailable(D1Error(text))
     } else {
@@ -316,13 +322,13 @@ impl MessageStore for D1Store {
     ) -> Result<(), StoreError> {
         let content = serde_json::to_string(&message.message.parts)
             .map_err(|e| StoreError::Invalid(format!("parts do not serialize: {e}")))?;
-        let metadata = match &message.message.metadata {
-            Some(md) if !md.is_empty() => Some(
-                serde_json::to_string(md)
-                    .map_err(|e| StoreError::Invalid(format!("metadata does not serialize: {e}")))?,
-            ),
-            _ => None,
-        };
+        let metadata =
+            match &message.message.metadata {
+                Some(md) if !md.is_empty() => Some(serde_json::to_string(md).map_err(|e| {
+                    StoreError::Invalid(format!("metadata does not serialize: {e}"))
+                })?),
+                _ => None,
+            };
         let size = content.len() + metadata.as_ref().map_or(0, String::len);
         if size > self.max_row_bytes {
             return Err(StoreError::Invalid(format!(
