@@ -198,6 +198,8 @@ pub struct TextPart {
     pub state: Option<TextState>,
     /// Provider-specific data, kept verbatim.
     pub provider_metadata: Option<Value>,
+    /// The stream's part id: the AI SDK keeps it on `reasoning` parts.
+    pub id: Option<String>,
 }
 
 /// The lifecycle of a tool invocation (AI SDK 5 states).
@@ -286,6 +288,7 @@ impl Part {
             text: text.into(),
             state: None,
             provider_metadata: None,
+            id: None,
         })
     }
 
@@ -323,6 +326,9 @@ impl Serialize for Part {
                         "reasoning"
                     },
                 )?;
+                if let Some(id) = &t.id {
+                    m.serialize_entry("id", id)?;
+                }
                 m.serialize_entry("text", &t.text)?;
                 if let Some(st) = t.state {
                     m.serialize_entry("state", &st)?;
@@ -427,6 +433,7 @@ fn text_part<E: serde::de::Error>(m: &mut Map<String, Value>) -> Result<TextPart
         text,
         state,
         provider_metadata: m.remove("providerMetadata"),
+        id: take_opt_str(m, "id")?,
     })
 }
 

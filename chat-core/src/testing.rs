@@ -556,6 +556,7 @@ async fn round_trip(store: Arc<dyn MessageStore>) -> CheckResult {
                 text: "hmm ✓".into(),
                 state: Some(TextState::Done),
                 provider_metadata: None,
+                id: Some("reasoning-0".into()),
             }),
             Part::Tool(ToolPart {
                 tool_name: "get_weather".into(),

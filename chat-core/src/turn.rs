@@ -438,6 +438,7 @@ impl TurnRunner {
                                 text: String::new(),
                                 state: Some(TextState::Streaming),
                                 provider_metadata: None,
+                                id: None,
                             }));
                             draft.open_text = Some((draft.msg.parts.len() - 1, id));
                         }
@@ -462,6 +463,8 @@ impl TurnRunner {
                                 text: String::new(),
                                 state: Some(TextState::Streaming),
                                 provider_metadata: None,
+                                // useChat keeps the stream id on reasoning parts (not on text).
+                                id: Some(id.clone()),
                             }));
                             draft.open_reasoning = Some((draft.msg.parts.len() - 1, id));
                         }
