@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Turns the per-cell JSON reports of run-matrix.sh into results.md and results.json,
+with each server cell as a ratio of the ceiling cell measured in the same run,
+and the issue's targets checked."""
+import json
+import pathlib
+import sys
+
+NODE_BEST_D0_C50 = 376.0  # streams/s of the Node 24 reference server, best run (issue 10)
+
+out = pathlib.Path(sys.argv[1])
+cells = []
+for p in sorted(out.glob("d*-c*-*.json")):
+    r = json.loads(p.read_text())
+    r["target"] = r["tags"]["target"]
+    r["delay_ms"] = int(r["tags"]["delay_ms"])
+    cells.append(r)
+
+by = {(c["delay_ms"], c["concurrency"], c["target"]): c for c in cells}
+order = {"ceiling": 0, "sqlite": 1, "postgres": 2}
+cells.sort(key=lambda c: (c["delay_ms"], c["concurrency"], order.get(c["target"], 9)))
+
+
+def ceiling(c):
+    return by.get((c["delay_ms"], c["concurrency"], "ceiling"))
+
+
+def fmt(x, nd=0):
+    if x is None:
+        return "-"
+    return f"{x:,.{nd}f}"
+
+
+rows = []
+for c in cells:
+    ce = ceiling(c)
+    ratio = None
+    if ce and ce["streams_per_s"]:
+        ratio = c["streams_per_s"] / ce["streams_per_s"]
+    c["ratio_to_ceiling"] = round(ratio, 3) if ratio is not None else None
+    srv = c.get("server") or {}
+    errs = ", ".join(f"{k}: {v}" for k, v in c["errors"].items()) or "0"
+    rows.append(
+        f"| {c['delay_ms']} | {c['concurrency']:,} | {c['target']} | {fmt(c['streams_per_s'])} "
+        f"| {fmt(ratio, 2) if c['target'] != 'ceiling' else '1'} "
+        f"| {fmt(c['ttft_ms']['p50'], 1)} / {fmt(c['ttft_ms']['p99'], 1)} "
+        f"| {fmt(c['full_ms']['p50'], 0)} / {fmt(c['full_ms']['p99'], 0)} "
+        f"| {errs} | {fmt(srv.get('peak_rss_mb'), 0)} | {fmt(srv.get('cpu_ms_per_stream'), 2)} |"
+    )
+
+checks = []
+
+
+def check(name, ok, detail):
+    checks.append({"target": name, "holds": ok, "measured": detail})
+
+
+for t in ("sqlite", "postgres"):
+    c = by.get((0, 50, t))
+    if c:
+        ce = ceiling(c)
+        s = c["streams_per_s"]
+        check(f"{t}: 0 ms / 50 clients >= 10x Node ({10 * NODE_BEST_D0_C50:.0f} streams/s)",
+              s >= 10 * NODE_BEST_D0_C50, f"{s:,.0f} streams/s ({s / NODE_BEST_D0_C50:.1f}x Node's best)")
+        if ce:
+            check(f"{t}: 0 ms / 50 clients >= 0.3 of ceiling", c["ratio_to_ceiling"] >= 0.3,
+                  f"{c['ratio_to_ceiling']:.2f}")
+    c = by.get((20, 500, t))
+    if c and ceiling(c) and c["ttft_ms"]["p99"] and ceiling(c)["ttft_ms"]["p99"]:
+        r = c["ttft_ms"]["p99"] / ceiling(c)["ttft_ms"]["p99"]
+        check(f"{t}: 20 ms / 500 clients TTFT p99 <= 1.2x ceiling's", r <= 1.2,
+              f"{c['ttft_ms']['p99']} ms vs {ceiling(c)['ttft_ms']['p99']} ms ({r:.2f}x)")
+    for n in (5000, 10000):
+        c = by.get((20, n, t))
+        if not c:
+            continue
+        check(f"{t}: 20 ms / {n:,} clients zero errors", c["error_total"] == 0, str(c["error_total"]))
+        if ceiling(c):
+            check(f"{t}: 20 ms / {n:,} clients >= 0.8 of ceiling", c["ratio_to_ceiling"] >= 0.8,
+                  f"{c['ratio_to_ceiling']:.2f}")
+        if n == 10000 and c.get("server"):
+            rss = c["server"]["peak_rss_mb"]
+            check(f"{t}: 20 ms / 10,000 clients RSS < 400 MB", rss is not None and rss < 400, f"{rss} MB")
+for (d, n, t), c in sorted(by.items()):
+    if t != "sqlite":
+        continue
+    pg = by.get((d, n, "postgres"))
+    if pg and c["streams_per_s"] and pg["streams_per_s"]:
+        r = max(c["streams_per_s"], pg["streams_per_s"]) / min(c["streams_per_s"], pg["streams_per_s"])
+        check(f"SQLite vs Postgres within 2x at {d} ms / {n:,} clients", r <= 2.0, f"{r:.2f}x")
+
+machine = (out / "machine.txt").read_text() if (out / "machine.txt").exists() else ""
+md = [
+    f"# Load bench results ({out.name})",
+    "",
+    "```",
+    machine.strip(),
+    "```",
+    "",
+    "64-token answers; each virtual user has one keep-alive connection and its own chat, "
+    "and posts a message and reads the stream to `[DONE]` in a loop. "
+    "Ratio = streams/s over the ceiling's in the same run. RSS = the server's peak (VmHWM); "
+    "CPU = server user+system CPU ms per completed stream in the measured window.",
+    "",
+    "| delay ms | clients | target | streams/s | ratio | TTFT p50 / p99 ms | full p50 / p99 ms | errors | peak RSS MB | CPU ms/stream |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    *rows,
+    "",
+    "## Targets (issue 10)",
+    "",
+    "| target | holds | measured |",
+    "|---|---|---|",
+    *[f"| {k['target']} | {'yes' if k['holds'] else '**no**'} | {k['measured']} |" for k in checks],
+    "",
+]
+(out / "results.md").write_text("\n".join(md))
+(out / "results.json").write_text(json.dumps({"cells": cells, "checks": checks}, indent=2))

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs the load-bench matrix: token delay x concurrency x target (the bare SSE
+# ceiling, the example server on SQLite, the example server on Postgres), each
+# cell against a freshly started server, and writes JSON per cell plus a
+# markdown table (results.md) and all cells (results.json) to
+# benches/results/<UTC stamp>/ (and benches/results/latest.{md,json}).
+#
+# Environment (all optional):
+#   DELAYS="0 20"                   token delays, ms
+#   CONCURRENCY="50 500 5000 10000" virtual users
+#   TARGETS="ceiling sqlite postgres"
+#   DURATION=10 WARMUP=2            seconds per cell (measured / not measured)
+#   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432   a fresh database per cell is made there
+#   THREADS=2                       load generator worker threads
+#   NO_BUILD=1                      reuse target/release binaries
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DELAYS=${DELAYS:-"0 20"}
+CONCURRENCY=${CONCURRENCY:-"50 500 5000 10000"}
+TARGETS=${TARGETS:-"ceiling sqlite postgres"}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+THREADS=${THREADS:-2}
+PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
+BIN=target/release
+
+if [[ -z "${NO_BUILD:-}" ]]; then
+  cargo build --release -p chat-server-example -p chat-bench
+fi
+
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out=benches/results/$stamp
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
+  echo "memory: $(free -h | awk '/^Mem:/{print $2}')"
+  echo "kernel: $(uname -r)"
+  echo "rustc: $(rustc --version)"
+  echo "cell: warmup ${WARMUP}s, measured ${DURATION}s, load generator threads ${THREADS}"
+} > "$out/machine.txt"
+
+cell=0
+for delay in $DELAYS; do
+  for c in $CONCURRENCY; do
+    for target in $TARGETS; do
+      cell=$((cell + 1))
+      name="d${delay}-c${c}-${target}"
+      common=(--concurrency "$c" --duration "$DURATION" --warmup "$WARMUP" --threads "$THREADS"
+        --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --json "$out/$name.json")
+      export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
+      export AUTH=dev-header MODEL=demo SHUTDOWN_GRACE_MS=1000
+      case $target in
+        ceiling)
+          "$BIN/chat-loadgen" "${common[@]}" -- "$BIN/chat-ceiling" >/dev/null || echo "cell $name failed"
+          ;;
+        sqlite)
+          rm -f "$work"/bench.db*
+          DATABASE_URL="sqlite://$work/bench.db" \
+            "$BIN/chat-loadgen" "${common[@]}" -- "$BIN/chat-server-example" >/dev/null || echo "cell $name failed"
+          ;;
+        postgres)
+          db="bench_${stamp,,}_${cell}"
+          psql -q "$PG_ADMIN_URL/postgres" -c "CREATE DATABASE $db" >/dev/null
+          DATABASE_URL="$PG_ADMIN_URL/$db" \
+            "$BIN/chat-loadgen" "${common[@]}" -- "$BIN/chat-server-example" >/dev/null || echo "cell $name failed"
+          psql -q "$PG_ADMIN_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
+          ;;
+        *) echo "unknown target $target" >&2; exit 2 ;;
+      esac
+    done
+  done
+done
+
+python3 benches/report.py "$out"
+cp "$out/results.md" benches/results/latest.md
+cp "$out/results.json" benches/results/latest.json
+cat "$out/results.md"
