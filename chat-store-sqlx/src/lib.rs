@@ -14,6 +14,8 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "coordination")]
+pub mod coordination;
 mod error;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -25,6 +27,9 @@ mod store;
 use std::sync::Arc;
 
 use chat_core::{MessageStore, StoreError};
+
+#[cfg(feature = "coordination")]
+pub use coordination::{PgCoordinator, PgCoordinatorSettings};
 
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
