@@ -11,11 +11,13 @@ use anyhow::Context as _;
 use axum::response::Html;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
-use chat_core::{DemoModel, LocalSessions, MessageStore, ModelProvider, TurnConfig};
+use chat_core::{DemoModel, MessageStore, ModelProvider, TurnConfig};
 use chat_http::axum::RouterOptions;
 use chat_http::{Authenticator, ChatService, DevHeaderAuth, JwtAuth};
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
+
+mod coordination;
 
 /// The built-in chat page (plain HTML + JS, no build step).
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -79,6 +81,8 @@ struct Settings {
     /// How long a shutdown waits for running answers before stopping them.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+    #[command(flatten)]
+    coordination: coordination::CoordinationArgs,
 }
 
 fn model(settings: &Settings) -> anyhow::Result<Arc<dyn ModelProvider>> {
@@ -135,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         })?;
     store.migrate().await.context("migrations failed")?;
     tracing::info!(backend = store.backend(), "store ready");
+    let pg_pool = coordination::pg_pool(&store);
     let store: Arc<dyn MessageStore> = store.into_dyn();
 
     let model = model(&settings)?;
@@ -143,8 +148,15 @@ async fn main() -> anyhow::Result<()> {
         tools: chat_core::demo::demo_tools(),
         ..TurnConfig::default()
     };
-    let sessions = Arc::new(LocalSessions::new(store.clone(), model.clone(), config));
-    let service = ChatService::new(store, sessions.clone(), authenticator(&settings)?);
+    let sessions = coordination::Sessions::build(
+        &settings.coordination,
+        pg_pool,
+        store.clone(),
+        model.clone(),
+        config,
+    )
+    .await?;
+    let service = ChatService::new(store, sessions.as_dyn(), authenticator(&settings)?);
 
     let mut options = RouterOptions::default();
     if let Some(origins) = &settings.cors_origins {
