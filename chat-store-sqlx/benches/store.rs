@@ -1,6 +1,6 @@
 //! Store throughput and latency on SQLite (file, WAL) and, when reachable,
-//! PostgreSQL: message appends, checkpoint rewrites, history of 1k messages,
-//! one list page with 10k chats per user.
+//! PostgreSQL: message appends, checkpoint rewrites, history of 1k and 10k
+//! messages, one list page with 10k chats per user.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -109,7 +109,7 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
     for (name, store) in &backends {
         let user = UserId::new(format!("bench-{name}")).unwrap();
-        let (chat, big_chat) = rt.block_on(async {
+        let (chat, big_chat, huge_chat) = rt.block_on(async {
             let chat = seed(store, &user, 10_000, 0).await;
             let big = seed(
                 store,
@@ -118,7 +118,14 @@ fn bench(c: &mut Criterion) {
                 1_000,
             )
             .await;
-            (chat, big)
+            let huge = seed(
+                store,
+                &UserId::new(format!("huge-{name}")).unwrap(),
+                1,
+                10_000,
+            )
+            .await;
+            (chat, big, huge)
         });
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new("append_message", name), |b| {
@@ -166,6 +173,16 @@ fn bench(c: &mut Criterion) {
             b.to_async(&rt).iter(|| async {
                 store
                     .load_messages(&big_user, &big_chat)
+                    .await
+                    .unwrap()
+                    .len()
+            });
+        });
+        let huge_user = UserId::new(format!("huge-{name}")).unwrap();
+        g.bench_function(BenchmarkId::new("history_10k_messages", name), |b| {
+            b.to_async(&rt).iter(|| async {
+                store
+                    .load_messages(&huge_user, &huge_chat)
                     .await
                     .unwrap()
                     .len()

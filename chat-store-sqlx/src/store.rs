@@ -233,6 +233,12 @@ macro_rules! message_store_impl {
 
         impl $store {
             /// Insert-or-replace-in-place plus chat touch (and fence check), in one transaction.
+            ///
+            /// Two statements (the writer's round trips are what limit a
+            /// busy server): the chat row is checked, touched and hands out a
+            /// sequence number at once, then one upsert writes the message. An
+            /// update in place keeps its seq and created_at, so the number
+            /// handed out is left unused (seq only orders, gaps are fine).
             async fn upsert(
                 &self,
                 user: &chat_core::UserId,
@@ -245,83 +251,68 @@ macro_rules! message_store_impl {
                 let chat_id = chat.to_string();
                 let fence = fence.map(|f| i64::try_from(f).unwrap_or(i64::MAX));
                 let mut tx = self.writer().begin().await.map_err($crate::error::map)?;
-                let current: i64 = sqlx::query(concat!(
-                    "SELECT fence FROM chats WHERE id = $1 AND user_id = $2", $lock
+                // No row: not this user's chat, or a newer fencing token was seen.
+                let seq: Option<i64> = sqlx::query(concat!(
+                    "UPDATE chats SET next_seq = next_seq + 1, ",
+                    "updated_at = ", $greatest, "(updated_at, $3), ",
+                    "fence = ", $greatest, "(fence, $4) ",
+                    "WHERE id = $1 AND user_id = $2 AND fence <= $5 RETURNING next_seq"
                 ))
                 .bind(&chat_id)
                 .bind(user.as_str())
+                .bind(row.updated_at)
+                .bind(fence.unwrap_or(0))
+                .bind(fence.unwrap_or(i64::MAX))
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err($crate::error::map)?
-                .ok_or(chat_core::StoreError::NotFound)?
-                .try_get("fence")
+                .map(|r| r.try_get("next_seq"))
+                .transpose()
                 .map_err($crate::error::map)?;
-                if let Some(f) = fence
-                    && f < current
-                {
-                    return Err(chat_core::StoreError::Fenced);
-                }
-                let updated = sqlx::query(
-                    "UPDATE messages SET role = $3, content = $4, metadata = $5, status = $6, \
-                     finish_reason = $7, updated_at = $8 WHERE id = $1 AND chat_id = $2",
+                let Some(seq) = seq else {
+                    // The error path only: tell a stale fence from a missing chat.
+                    let owned = sqlx::query("SELECT 1 AS one FROM chats WHERE id = $1 AND user_id = $2")
+                        .bind(&chat_id)
+                        .bind(user.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err($crate::error::map)?;
+                    return Err(if owned.is_some() {
+                        chat_core::StoreError::Fenced
+                    } else {
+                        chat_core::StoreError::NotFound
+                    });
+                };
+                let written = sqlx::query(
+                    "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
+                     finish_reason, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (id) DO UPDATE SET role = excluded.role, content = excluded.content, \
+                     metadata = excluded.metadata, status = excluded.status, \
+                     finish_reason = excluded.finish_reason, updated_at = excluded.updated_at \
+                     WHERE messages.chat_id = excluded.chat_id",
                 )
                 .bind(&row.id)
                 .bind(&chat_id)
+                .bind(seq)
                 .bind(row.role)
                 .bind(&row.content)
                 .bind(row.metadata.as_deref())
                 .bind(row.status)
                 .bind(row.finish_reason)
+                .bind(row.created_at)
                 .bind(row.updated_at)
                 .execute(&mut *tx)
                 .await
                 .map_err($crate::error::map)?;
-                if updated.rows_affected() == 0 {
-                    let seq: i64 = sqlx::query(
-                        "UPDATE chats SET next_seq = next_seq + 1 WHERE id = $1 RETURNING next_seq",
-                    )
-                    .bind(&chat_id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err($crate::error::map)?
-                    .try_get("next_seq")
-                    .map_err($crate::error::map)?;
-                    let inserted = sqlx::query(
-                        "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
-                         finish_reason, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(&row.id)
-                    .bind(&chat_id)
-                    .bind(seq)
-                    .bind(row.role)
-                    .bind(&row.content)
-                    .bind(row.metadata.as_deref())
-                    .bind(row.status)
-                    .bind(row.finish_reason)
-                    .bind(row.created_at)
-                    .bind(row.updated_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err($crate::error::map)?;
-                    if inserted.rows_affected() == 0 {
-                        // The id exists in another chat: never overwrite it.
-                        return Err(chat_core::StoreError::Conflict(format!(
-                            "message id {} belongs to another chat",
-                            row.id
-                        )));
-                    }
+                if written.rows_affected() == 0 {
+                    // The id exists in another chat: never overwrite it (the
+                    // dropped transaction rolls the chat touch back).
+                    return Err(chat_core::StoreError::Conflict(format!(
+                        "message id {} belongs to another chat",
+                        row.id
+                    )));
                 }
-                sqlx::query(concat!(
-                    "UPDATE chats SET updated_at = ", $greatest, "(updated_at, $2), ",
-                    "fence = ", $greatest, "(fence, $3) WHERE id = $1"
-                ))
-                .bind(&chat_id)
-                .bind(row.updated_at)
-                .bind(fence.unwrap_or(0))
-                .execute(&mut *tx)
-                .await
-                .map_err($crate::error::map)?;
                 tx.commit().await.map_err($crate::error::map)?;
                 Ok(())
             }
