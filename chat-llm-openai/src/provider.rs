@@ -115,7 +115,8 @@ impl OpenAiBuilder {
     /// `http://localhost:11434/v1` for Ollama.
     #[must_use]
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.base_url = url.into().trim_end_matches('/').to_owned();
+        let url = url.into();
+        url.trim_end_matches('/').clone_into(&mut self.base_url);
         self
     }
 

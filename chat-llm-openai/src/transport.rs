@@ -109,7 +109,10 @@ impl UpstreamError {
         let body = response.bytes().await.unwrap_or_default();
         let (mut message, kind) = error_message(&body);
         if message.trim().is_empty() {
-            message = status.canonical_reason().unwrap_or("error").to_owned();
+            status
+                .canonical_reason()
+                .unwrap_or("error")
+                .clone_into(&mut message);
         }
         let mut message = redactor.clean(message.trim());
         truncate(&mut message, 1000);

@@ -1,5 +1,6 @@
 //! The provider against a fake OpenAI-compatible server (axum) that streams
 //! its SSE chunks slowly, with real delays, over real TCP.
+#![allow(clippy::needless_pass_by_value)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,7 +147,18 @@ async fn completions(
         )
     };
     match model.as_str() {
-        "text" => text(f),
+        "rate-limited" if n == 0 => (
+            [("retry-after", "1")],
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow down",
+                "rate_limit_error",
+            ),
+        )
+            .into_response(),
+        "flaky" if n == 0 => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        // After the first failure these answer normally.
+        "text" | "rate-limited" | "flaky" => text(f),
         "reasoning" => sse(
             vec![
                 chunk(json!({"reasoning_content":"thinking"}), None),
@@ -213,16 +225,6 @@ async fn completions(
                 f,
             ),
         },
-        "rate-limited" if n == 0 => (
-            [("retry-after", "1")],
-            error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "slow down",
-                "rate_limit_error",
-            ),
-        )
-            .into_response(),
-        "rate-limited" => text(f),
         "rate-limited-long" => (
             [("retry-after", "120")],
             error(
@@ -238,8 +240,6 @@ async fn completions(
             "insufficient_quota",
         )
         .into_response(),
-        "flaky" if n == 0 => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
-        "flaky" => text(f),
         "down" => (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response(),
         "bad-key" => error(
             StatusCode::UNAUTHORIZED,
@@ -404,7 +404,10 @@ async fn events_arrive_as_the_server_sends_them() {
         at.push(started.elapsed());
     }
     // Chunks are 100 ms apart on the server: nothing is buffered up.
-    assert!(at[2] - at[0] >= Duration::from_millis(150), "{at:?}");
+    assert!(
+        at[2].saturating_sub(at[0]) >= Duration::from_millis(150),
+        "{at:?}"
+    );
 }
 
 #[tokio::test]

@@ -98,12 +98,23 @@ fn model(settings: &Settings) -> anyhow::Result<Arc<dyn ModelProvider>> {
             DemoModel::new(settings.tokens)
                 .with_delay(Duration::from_millis(settings.token_delay_ms)),
         )),
-        ModelKind::Openai => openai_model(),
+        ModelKind::Openai => openai_model(settings),
     }
 }
 
-fn openai_model() -> anyhow::Result<Arc<dyn ModelProvider>> {
-    anyhow::bail!("MODEL=openai is not available in this build")
+/// OPENAI_BASE_URL, OPENAI_MODEL, OPENAI_ORGANIZATION, OPENAI_PROJECT from the
+/// environment; the key from `--openai-api-key` / OPENAI_API_KEY.
+fn openai_model(settings: &Settings) -> anyhow::Result<Arc<dyn ModelProvider>> {
+    let key = settings.openai_api_key.clone();
+    let provider = chat_llm_openai::OpenAiProvider::from_vars(|name| {
+        if name == "OPENAI_API_KEY" {
+            key.clone()
+        } else {
+            std::env::var(name).ok()
+        }
+    })
+    .context("MODEL=openai")?;
+    Ok(Arc::new(provider))
 }
 
 fn authenticator(settings: &Settings) -> anyhow::Result<Arc<dyn Authenticator>> {
