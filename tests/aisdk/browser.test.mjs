@@ -59,9 +59,27 @@ async function waitReady(page, ms = 20_000) {
   );
 }
 
+/** Types and sends a message; returns once the page shows it (status left `ready`). */
 async function send(page, text) {
+  const before = await page.getByTestId('message-user').count();
   await page.getByTestId('composer-input').fill(text);
   await page.getByTestId('send').click();
+  await page.waitForFunction(
+    (n) =>
+      document.querySelectorAll('[data-testid=message-user]').length > n &&
+      document.querySelector('[data-testid=chat]')?.dataset.status !== 'ready',
+    before,
+    { timeout: 10_000 },
+  );
+}
+
+/** Waits until the `index`-th answer of the open chat (from 0) contains `text`. */
+async function answerContains(page, index, text) {
+  await page.waitForFunction(
+    ([i, t]) => document.querySelectorAll('[data-testid=message-assistant]')[i]?.textContent.includes(t),
+    [index, text],
+    { timeout: 10_000 },
+  );
 }
 
 /** Samples the last answer's text while it streams: several growing lengths. */
@@ -162,11 +180,7 @@ for (const backend of backends()) {
 
         // Stop mid-stream: the partial answer stays, also after a reload.
         await send(page, 'Please stop me');
-        await page.waitForFunction(
-          () => [...document.querySelectorAll('[data-testid=message-assistant]')].at(-1)?.textContent.includes('tok8 '),
-          null,
-          { timeout: 10_000 },
-        );
+        await answerContains(page, 1, 'tok8 ');
         await page.getByTestId('stop').click();
         await waitReady(page);
         const partial = await lastAssistant(page).textContent();
@@ -184,11 +198,7 @@ for (const backend of backends()) {
 
         // Reload mid-stream: the page resumes from GET /stream and finishes the answer once.
         await send(page, 'Reload while streaming');
-        await page.waitForFunction(
-          () => [...document.querySelectorAll('[data-testid=message-assistant]')].at(-1)?.textContent.includes('tok5 '),
-          null,
-          { timeout: 10_000 },
-        );
+        await answerContains(page, 2, 'tok5 ');
         await page.reload();
         await page.getByTestId('message-user').filter({ hasText: 'Reload while streaming' }).waitFor();
         await page.waitForFunction(

@@ -37,7 +37,9 @@ step "building examples/web"
 (cd "$root/examples/web" && npm run --silent build -- --logLevel warn)
 
 step "building the example server"
-cargo build -p chat-server-example
+# Same features as the workspace-wide `cargo nextest --all-features` run before
+# this script in scripts/test-all.sh, so the binary it built is reused.
+cargo build --workspace --all-features --bin chat-server-example
 target_dir="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 export CHAT_SERVER_BIN="$target_dir/debug/chat-server-example"
 
