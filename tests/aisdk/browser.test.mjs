@@ -221,6 +221,9 @@ for (const backend of backends()) {
         assert.equal((await aliceApi.call('GET', `/api/chat/${secondId}/messages`)).status, 404);
         await shot('06-deleted');
         assert.deepEqual(consoleErrors, []);
+      } catch (e) {
+        await shot('failure').catch(() => {});
+        throw e;
       } finally {
         await a.close();
       }
