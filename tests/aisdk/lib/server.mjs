@@ -73,9 +73,11 @@ export function freshDb(kind) {
  * port). Resolves once it prints `listening on <url>`.
  */
 export async function startServer(db, env = {}) {
+  // A single instance: no multi-instance coordination picked up from the caller's environment.
+  const { REDIS_URL, COORDINATION, WEB_DIR, ...inherited } = process.env;
   const child = spawn(serverBin(), [], {
     env: {
-      ...process.env,
+      ...inherited,
       PORT: '0',
       BIND: '127.0.0.1',
       DATABASE_URL: db.url,
