@@ -266,6 +266,15 @@ fn check_header_value(name: &str, value: &str) -> Result<(), ConfigError> {
         .map_err(|_| ConfigError::InvalidHeader(name.to_owned()))
 }
 
+#[cfg(target_arch = "wasm32")]
+fn http_client(_connect: Duration, _read: Duration) -> Result<reqwest::Client, ConfigError> {
+    // fetch has no connect or read timeouts; the Worker runtime bounds requests.
+    reqwest::Client::builder()
+        .build()
+        .map_err(|e| ConfigError::HttpClient(e.to_string()))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 fn http_client(connect: Duration, read: Duration) -> Result<reqwest::Client, ConfigError> {
     reqwest::Client::builder()
         .connect_timeout(connect)
@@ -347,7 +356,7 @@ fn map_error(e: OpenAIError, redactor: &Redactor) -> ModelError {
             }
         }
         OpenAIError::Reqwest(e) => {
-            let retryable = e.is_connect() || (e.is_timeout() && !e.is_body());
+            let retryable = crate::transport::is_connect(&e) || (e.is_timeout() && !e.is_body());
             let message = redactor.clean(&e.without_url().to_string());
             if retryable {
                 ModelError::Unavailable {
@@ -366,11 +375,14 @@ fn map_error(e: OpenAIError, redactor: &Redactor) -> ModelError {
         // An SSE framing error is the connection failing mid-stream.
         OpenAIError::StreamError(e) => ModelError::Interrupted(redactor.clean(&e.to_string())),
         OpenAIError::InvalidArgument(m) => ModelError::Other(redactor.clean(&m)),
+        // Variants that exist on some targets only (file errors on native).
+        #[allow(unreachable_patterns)]
         other => ModelError::Other(redactor.clean(&other.to_string())),
     }
 }
 
-#[async_trait]
+#[cfg_attr(target_arch = "wasm32", async_trait(?Send))]
+#[cfg_attr(not(target_arch = "wasm32"), async_trait)]
 impl ModelProvider for OpenAiProvider {
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ModelError> {
         let body = self.request_body(&request);

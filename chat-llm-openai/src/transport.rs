@@ -9,7 +9,11 @@ use std::time::Duration;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
 use chat_core::ModelError;
-use futures::future::BoxFuture;
+#[cfg(not(target_arch = "wasm32"))]
+type SendFuture = futures::future::BoxFuture<'static, Result<reqwest::Response, OpenAIError>>;
+// fetch-based reqwest futures are not `Send` on wasm32.
+#[cfg(target_arch = "wasm32")]
+type SendFuture = futures::future::LocalBoxFuture<'static, Result<reqwest::Response, OpenAIError>>;
 use serde_json::Value;
 
 /// When and how often a failed request is sent again. Only the request is
@@ -190,6 +194,30 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     )
 }
 
+/// Whether the request failed before reaching the server (never on wasm32,
+/// where fetch does not say).
+pub(crate) fn is_connect(e: &reqwest::Error) -> bool {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        e.is_connect()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = e;
+        false
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+async fn sleep(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+#[cfg(target_arch = "wasm32")]
+async fn sleep(d: Duration) {
+    futures_timer::Delay::new(d).await;
+}
+
 /// The tower service async-openai sends every request through.
 #[derive(Debug, Clone)]
 pub(crate) struct Transport {
@@ -227,7 +255,7 @@ impl Transport {
                 }
                 // Only failures to connect are retried: a request that
                 // reached the server may be running there already.
-                Err(e) if e.is_connect() => Failure::Connect(e),
+                Err(e) if is_connect(&e) => Failure::Connect(e),
                 Err(e) => return Err(OpenAIError::Reqwest(e)),
             };
             let (wait, error) = match failure {
@@ -249,7 +277,7 @@ impl Transport {
                 error = %self.redactor.clean(&error.to_string()),
                 "model request failed before streaming; retrying"
             );
-            tokio::time::sleep(delay).await;
+            sleep(delay).await;
         }
     }
 }
@@ -257,7 +285,7 @@ impl Transport {
 impl tower::Service<HttpRequestFactory> for Transport {
     type Response = reqwest::Response;
     type Error = OpenAIError;
-    type Future = BoxFuture<'static, Result<reqwest::Response, OpenAIError>>;
+    type Future = SendFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

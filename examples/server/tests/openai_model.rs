@@ -171,7 +171,7 @@ async fn streamed_openai_answers_are_stored() {
     assert_eq!(text_of(answer), "It is clear in Paris.");
 
     // What the fake saw: the key, the model, the whole conversation incl. the tool result.
-    let requests = fake.requests.lock().unwrap();
+    let requests = fake.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 3);
     let (headers, first) = &requests[0];
     assert_eq!(headers["authorization"], format!("Bearer {KEY}").as_str());
@@ -193,7 +193,6 @@ async fn streamed_openai_answers_are_stored() {
     assert_eq!(last[1]["content"], "Hello from the fake model.");
     assert_eq!(last[3]["tool_calls"][0]["id"], "call_w");
     assert_eq!(last[4]["tool_call_id"], "call_w");
-    drop(requests);
     drop(s);
     db.drop_db().await;
 }
