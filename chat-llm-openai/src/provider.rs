@@ -381,6 +381,50 @@ fn map_error(e: OpenAIError, redactor: &Redactor) -> ModelError {
     }
 }
 
+/// One step's stream: upstream chunks in, model events out.
+struct StepState {
+    upstream: async_openai::types::stream::StreamResponse<StreamChunk>,
+    mapper: StreamMapper,
+    ended: bool,
+    redactor: Redactor,
+    model: String,
+}
+
+impl StepState {
+    async fn next_event(&mut self) -> Option<Result<chat_core::ModelEvent, ModelError>> {
+        loop {
+            if let Some(ev) = self.mapper.pop() {
+                if let Err(e) = &ev {
+                    // After an error nothing else is handed out.
+                    tracing::warn!(model = %self.model, error = %e, "model stream failed");
+                    self.ended = true;
+                    self.mapper = StreamMapper::new();
+                }
+                return Some(ev);
+            }
+            if self.ended {
+                return None;
+            }
+            match self.upstream.next().await {
+                Some(Ok(chunk)) => self.mapper.push(chunk),
+                Some(Err(e)) => {
+                    self.ended = true;
+                    // A failure after the response started is never retried.
+                    let e = match map_error(e, &self.redactor) {
+                        ModelError::Unavailable { message, .. } => ModelError::Interrupted(message),
+                        other => other,
+                    };
+                    self.mapper.fail(e);
+                }
+                None => {
+                    self.ended = true;
+                    self.mapper.end();
+                }
+            }
+        }
+    }
+}
+
 #[cfg_attr(target_arch = "wasm32", async_trait(?Send))]
 #[cfg_attr(not(target_arch = "wasm32"), async_trait)]
 impl ModelProvider for OpenAiProvider {
@@ -396,49 +440,19 @@ impl ModelProvider for OpenAiProvider {
                 tracing::warn!(model = %self.model, step = request.step, error = %e, "model request failed");
                 e
             })?;
-        let redactor = self.redactor.clone();
-        let model = self.model.clone();
-        let state = (upstream, StreamMapper::new(), false);
+        let state = StepState {
+            upstream,
+            mapper: StreamMapper::new(),
+            ended: false,
+            redactor: self.redactor.clone(),
+            model: self.model.clone(),
+        };
         // `unfold` owns the upstream stream: dropping the returned stream drops
         // it, which closes the channel async-openai reads the response into,
         // and its reader task then drops the connection at once.
-        let events = futures::stream::unfold(state, move |(mut up, mut mapper, mut ended)| {
-            let redactor = redactor.clone();
-            let model = model.clone();
-            async move {
-                loop {
-                    if let Some(ev) = mapper.pop() {
-                        if let Err(e) = &ev {
-                            // After an error nothing else is handed out.
-                            tracing::warn!(model = %model, error = %e, "model stream failed");
-                            return Some((ev, (up, StreamMapper::new(), true)));
-                        }
-                        return Some((ev, (up, mapper, ended)));
-                    }
-                    if ended {
-                        return None;
-                    }
-                    match up.next().await {
-                        Some(Ok(chunk)) => mapper.push(chunk),
-                        Some(Err(e)) => {
-                            ended = true;
-                            let e = map_error(e, &redactor);
-                            // A failure after the response started is never retried here.
-                            let e = match e {
-                                ModelError::Unavailable { message, .. } => {
-                                    ModelError::Interrupted(message)
-                                }
-                                other => other,
-                            };
-                            mapper.fail(e);
-                        }
-                        None => {
-                            ended = true;
-                            mapper.end();
-                        }
-                    }
-                }
-            }
+        let events = futures::stream::unfold(state, |mut st| async move {
+            let ev = st.next_event().await?;
+            Some((ev, st))
         });
         Ok(Box::pin(events))
     }
