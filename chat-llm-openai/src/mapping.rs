@@ -207,6 +207,11 @@ impl StreamMapper {
         }
     }
 
+    /// Whether a finish reason arrived (only the usage chunk may follow).
+    pub fn finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
     /// An error ends the step: it is handed out after what came before it.
     pub fn fail(&mut self, error: ModelError) {
         self.out.push_back(Err(error));

@@ -407,6 +407,13 @@ impl StepState {
             }
             match self.upstream.next().await {
                 Some(Ok(chunk)) => self.mapper.push(chunk),
+                Some(Err(e)) if self.mapper.finished() => {
+                    // The answer is complete; only the usage chunk or `[DONE]` is lost.
+                    tracing::debug!(model = %self.model, error = %map_error(e, &self.redactor),
+                        "model stream failed after its finish reason; ending the step");
+                    self.ended = true;
+                    self.mapper.end();
+                }
                 Some(Err(e)) => {
                     self.ended = true;
                     // A failure after the response started is never retried.

@@ -279,6 +279,12 @@ async fn completions(
         ),
         "truncated" => sse(vec![chunk(json!({"content":"cut"}), None)], d, End::Done, f),
         "eof" => sse(vec![chunk(json!({"content":"cut"}), None)], d, End::Eof, f),
+        "finish-then-stall" => sse(
+            vec![chunk(json!({"content":"done"}), Some("stop"))],
+            d,
+            End::Stall,
+            f,
+        ),
         "stall" => sse(
             vec![chunk(json!({"content":"wait"}), None)],
             d,
@@ -728,6 +734,24 @@ async fn a_stalled_stream_times_out_as_interrupted() {
         "{ev:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_stall_after_the_finish_reason_still_finishes_the_step() {
+    let (base, _) = fake_server().await;
+    let p = builder(&base, "finish-then-stall")
+        .read_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let ev = ok_events(&p).await;
+    assert_eq!(ev[0], ModelEvent::TextDelta("done".into()));
+    assert!(matches!(
+        ev[1],
+        ModelEvent::Finish {
+            reason: FinishReason::Stop,
+            usage: None
+        }
+    ));
 }
 
 #[tokio::test]
