@@ -427,6 +427,9 @@ impl Room {
         });
         *room.live.borrow_mut() = Some(live.clone());
         let prepared = async {
+            // A checkpoint a failed final write left behind is stored before a new turn
+            // replaces it.
+            room.recover().await?;
             let chat = room.store.d1.get_chat(user, chat_id).await?;
             let prepared = room.runner.prepare(user, &chat, request).await?;
             // From here on an eviction is recoverable: an empty checkpoint first.
