@@ -1809,3 +1809,80 @@ async fn mi_history(store: Arc<dyn MessageStore>, f: Arc<dyn InstanceFactory>) -
     collect(on_a).await;
     Ok(())
 }
+
+/// Checks one model step's stream against what the turn loop relies on from
+/// every [`ModelProvider`]: a successful stream ends with exactly one
+/// `Finish`; an error is the last item; tool input deltas and calls name a
+/// call that was started and not yet completed; each started call completes
+/// exactly once before `Finish`. A provider whose upstream ends early must
+/// say so with an error, never with a silent end.
+pub fn check_model_stream(
+    events: &[Result<crate::ModelEvent, crate::ModelError>],
+) -> Result<(), String> {
+    use crate::ModelEvent as E;
+    let mut started = std::collections::HashSet::new();
+    let mut called = std::collections::HashSet::new();
+    for (i, e) in events.iter().enumerate() {
+        let last = i + 1 == events.len();
+        match e {
+            Err(e) => ensure!(last, "event {i}: an error must end the stream ({e})"),
+            Ok(E::Finish { .. }) => ensure!(last, "event {i}: Finish must be the last event"),
+            Ok(E::ToolInputStart { id, .. }) => {
+                ensure!(
+                    started.insert(id.clone()),
+                    "event {i}: tool call {id} started twice"
+                );
+            }
+            Ok(E::ToolInputDelta { id, .. }) => {
+                ensure!(
+                    started.contains(id),
+                    "event {i}: input delta of tool call {id} before its start"
+                );
+                ensure!(
+                    !called.contains(id),
+                    "event {i}: input delta of tool call {id} after it completed"
+                );
+            }
+            Ok(E::ToolCall { id, .. }) => {
+                ensure!(
+                    started.contains(id),
+                    "event {i}: tool call {id} completed before its start"
+                );
+                ensure!(
+                    called.insert(id.clone()),
+                    "event {i}: tool call {id} completed twice"
+                );
+            }
+            Ok(E::TextDelta(_) | E::ReasoningDelta(_)) => {}
+        }
+    }
+    match events.last() {
+        Some(Ok(E::Finish { .. })) => {
+            ensure!(
+                started == called,
+                "tool calls started but never completed: {:?}",
+                started.difference(&called).collect::<Vec<_>>()
+            );
+            Ok(())
+        }
+        Some(Err(_)) => Ok(()),
+        _ => Err("the stream ended without Finish or an error".into()),
+    }
+}
+
+/// The provider-facing conformance check: streams one step of `request`
+/// from `model`, checks it with [`check_model_stream`] (panicking with the
+/// reason when it fails) and returns the events for further assertions.
+pub async fn model_stream_conformance(
+    model: &dyn ModelProvider,
+    request: crate::ModelRequest,
+) -> Result<Vec<Result<crate::ModelEvent, crate::ModelError>>, crate::ModelError> {
+    let events: Vec<_> = model.stream(request).await?.collect().await;
+    if let Err(why) = check_model_stream(&events) {
+        panic!(
+            "{} broke the model stream contract: {why}\n{events:?}",
+            model.name()
+        );
+    }
+    Ok(events)
+}

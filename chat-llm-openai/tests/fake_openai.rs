@@ -350,37 +350,11 @@ async fn events(p: &OpenAiProvider) -> Result<Events, ModelError> {
     Ok(ev)
 }
 
-/// What chat-core's turn loop relies on from any provider stream: a
-/// successful stream ends with exactly one `Finish`; an error is the last
-/// item; tool deltas and calls name a started call; each call completes once.
+/// chat-core's provider-facing conformance: what the turn loop relies on
+/// from any provider stream.
 fn check_stream_contract(ev: &Events) {
-    let mut started = std::collections::HashSet::new();
-    let mut called = std::collections::HashSet::new();
-    for (i, e) in ev.iter().enumerate() {
-        let last = i + 1 == ev.len();
-        match e {
-            Err(_) => assert!(last, "an error must end the stream: {ev:?}"),
-            Ok(ModelEvent::Finish { .. }) => assert!(last, "Finish must be last: {ev:?}"),
-            Ok(ModelEvent::ToolInputStart { id, .. }) => {
-                assert!(started.insert(id.clone()), "started twice: {ev:?}");
-            }
-            Ok(ModelEvent::ToolInputDelta { id, .. }) => {
-                assert!(started.contains(id), "delta before start: {ev:?}");
-                assert!(!called.contains(id), "delta after the call: {ev:?}");
-            }
-            Ok(ModelEvent::ToolCall { id, .. }) => {
-                assert!(started.contains(id), "call before start: {ev:?}");
-                assert!(called.insert(id.clone()), "called twice: {ev:?}");
-            }
-            Ok(_) => {}
-        }
-    }
-    assert!(
-        matches!(ev.last(), Some(Err(_) | Ok(ModelEvent::Finish { .. }))),
-        "a stream ends with Finish or an error: {ev:?}"
-    );
-    if matches!(ev.last(), Some(Ok(_))) {
-        assert_eq!(started, called, "every started call completes: {ev:?}");
+    if let Err(why) = chat_core::testing::check_model_stream(ev) {
+        panic!("stream contract broken: {why}\n{ev:?}");
     }
 }
 
