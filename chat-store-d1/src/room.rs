@@ -254,6 +254,14 @@ impl ChatRoom {
         Self { room }
     }
 
+    /// A room that cannot work (e.g. its model is misconfigured): every request
+    /// answers 500 and `reason` goes to the logs.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        tracing::error!(error = %reason, "chat room misconfigured");
+        Self { room: Err(reason) }
+    }
+
     /// Handles a request from [`DoSessions`](crate::DoSessions).
     pub async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
         let room = match &self.room {

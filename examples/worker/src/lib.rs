@@ -7,7 +7,9 @@
 //! runs the turn and streams the AI SDK UI message stream.
 //!
 //! Settings (`[vars]` / secrets): `AUTH` (`dev-header` | `jwt`),
-//! `CHAT_JWT_SECRET`, `TOKENS` and `TOKEN_DELAY_MS` (demo model).
+//! `CHAT_JWT_SECRET`, `MODEL` (`demo` | `openai`, default `openai` when the
+//! `OPENAI_API_KEY` secret is set), `OPENAI_BASE_URL`, `OPENAI_MODEL`, and
+//! `TOKENS` / `TOKEN_DELAY_MS` for the demo model.
 #![cfg(target_arch = "wasm32")]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -20,8 +22,11 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_core::{DemoModel, MessageStore, TurnConfig, TurnStream, UI_STREAM_HEADERS};
+use chat_core::{
+    DemoModel, MessageStore, ModelProvider, TurnConfig, TurnStream, UI_STREAM_HEADERS,
+};
 use chat_http::{ApiError, Authenticator, ChatService, DevHeaderAuth, JwtAuth, parse_chat_id};
+use chat_llm_openai::OpenAiProvider;
 use chat_store_d1::{ChatRoom, D1Store, DoSessions, RoomSettings};
 use futures::StreamExt;
 use worker::{Context, Env, Headers, Method, Request, Response, State, event};
@@ -82,6 +87,27 @@ fn demo_model(env: &Env) -> DemoModel {
         .and_then(|t| t.parse().ok())
         .unwrap_or(20);
     DemoModel::new(tokens).with_delay(Duration::from_millis(delay))
+}
+
+/// `MODEL` = `demo` | `openai` (default: `openai` when the `OPENAI_API_KEY`
+/// secret is set, else `demo`); `OPENAI_BASE_URL`, `OPENAI_MODEL` as for the server.
+fn model(env: &Env) -> Result<Arc<dyn ModelProvider>, String> {
+    let read = |name: &str| {
+        env.secret(name)
+            .ok()
+            .map(|s| s.to_string())
+            .or_else(|| var(env, name))
+            .filter(|v| !v.trim().is_empty())
+    };
+    let key = read("OPENAI_API_KEY");
+    match var(env, "MODEL").as_deref() {
+        Some("demo") => Ok(Arc::new(demo_model(env))),
+        None if key.is_none() => Ok(Arc::new(demo_model(env))),
+        None | Some("openai") => OpenAiProvider::from_vars(read)
+            .map(|p| Arc::new(p) as Arc<dyn ModelProvider>)
+            .map_err(|e| format!("MODEL=openai: {e}")),
+        Some(other) => Err(format!("unknown MODEL `{other}` (expected demo or openai)")),
+    }
 }
 
 fn service(env: &Env) -> Result<ChatService, ApiError> {
@@ -296,9 +322,7 @@ pub use chat_room::ChatDo;
 /// The Durable Object class (its JS glue methods come from `#[durable_object]`).
 #[allow(missing_docs)] // the macro generates undocumented public glue
 mod chat_room {
-    use super::{
-        Arc, ChatRoom, D1_BINDING, Env, Request, Response, RoomSettings, State, TurnConfig,
-    };
+    use super::{ChatRoom, D1_BINDING, Env, Request, Response, RoomSettings, State, TurnConfig};
     use worker::{DurableObject, durable_object};
 
     /// The Durable Object of one chat: the live turn, its stream and its checkpoints.
@@ -311,14 +335,19 @@ mod chat_room {
     impl DurableObject for ChatDo {
         fn new(state: State, env: Env) -> Self {
             crate::log::init();
-            let settings = RoomSettings {
-                d1_binding: D1_BINDING.into(),
-                model: Arc::new(crate::demo_model(&env)),
-                config: TurnConfig::default(),
+            let room = match crate::model(&env) {
+                Ok(model) => ChatRoom::new(
+                    &state,
+                    &env,
+                    RoomSettings {
+                        d1_binding: D1_BINDING.into(),
+                        model,
+                        config: TurnConfig::default(),
+                    },
+                ),
+                Err(e) => ChatRoom::unavailable(e),
             };
-            Self {
-                room: ChatRoom::new(&state, &env, settings),
-            }
+            Self { room }
         }
 
         async fn fetch(&self, req: Request) -> worker::Result<Response> {
