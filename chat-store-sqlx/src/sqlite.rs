@@ -12,6 +12,9 @@ use sqlx::sqlite::{
 
 use crate::store::{DEFAULT_MAX_ROW_BYTES, message_store_impl};
 
+/// Bytes of the database file mapped into memory for reads (address space, not RSS).
+const MMAP_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Chats and messages in SQLite.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -47,7 +50,12 @@ impl SqliteStore {
                 max_row_bytes: DEFAULT_MAX_ROW_BYTES,
             });
         }
-        let opts = opts.journal_mode(SqliteJournalMode::Wal);
+        // Memory-mapped reads: in WAL mode every write by the writer makes the
+        // readers drop their page cache at their next transaction, so without
+        // mmap each history load re-reads its pages with one pread() per page.
+        let opts = opts
+            .journal_mode(SqliteJournalMode::Wal)
+            .pragma("mmap_size", MMAP_BYTES.to_string());
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
