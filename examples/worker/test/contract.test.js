@@ -266,6 +266,54 @@ describe("streaming", () => {
     assert.equal(rows.results[0].id, message.id);
   });
 
+  test("regenerate replaces the last answer in place, under the same id", async () => {
+    const chatId = await createChat(w.url, "regen");
+    const message = userMessage("answer twice");
+    await turn("regen", chatId, "ignored");
+    const first = await history(w.url, "regen", chatId);
+    const assistant = first[1].id;
+    const res = await call(w.url, "regen", `/api/chat/${chatId}/messages`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        id: chatId,
+        messages: [message],
+        trigger: "regenerate-message",
+        messageId: assistant,
+      }),
+    });
+    assert.equal(res.status, 200);
+    const { events, done } = await readEvents(res);
+    assert.ok(done);
+    assert.equal(events[0].messageId, assistant);
+    const after = await history(w.url, "regen", chatId);
+    assert.equal(after.length, 2);
+    assert.equal(after[1].id, assistant);
+    assert.equal(textOf(after[0]), "ignored", "history comes from the store, not the client");
+  });
+
+  test("a message id of another chat is refused and overwrites nothing", async () => {
+    const a = await createChat(w.url, "ids");
+    const b = await createChat(w.url, "ids");
+    const message = userMessage("mine");
+    const post = (chatId, m) =>
+      call(w.url, "ids", `/api/chat/${chatId}/messages`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ message: m }),
+      });
+    const ok = await post(a, message);
+    assert.equal(ok.status, 200);
+    await readEvents(ok);
+    const clash = await post(b, { ...message, parts: [{ type: "text", text: "stolen" }] });
+    assert.ok(clash.status >= 400, `status ${clash.status}`);
+    await json(clash);
+    assert.equal(textOf((await history(w.url, "ids", a))[0]), "mine");
+    assert.deepEqual(await history(w.url, "ids", b), []);
+    // The chat is not left busy.
+    assert.ok((await turn("ids", b, "fresh")).done);
+  });
+
   test("a second POST while a turn runs is 409 and changes nothing", async () => {
     const chatId = await createChat(w.url, "busy");
     const first = await send(w.url, "busy", chatId, "first");
