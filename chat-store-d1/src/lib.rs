@@ -16,6 +16,6 @@ pub mod sessions;
 pub mod store;
 pub mod wire;
 
-pub use room::{ChatRoom, RoomSettings};
+pub use room::{ChatRoom, DEFAULT_RECOVERY_ALARM, RoomSettings};
 pub use sessions::{DoSessions, room_name};
 pub use store::{D1Error, D1Store};

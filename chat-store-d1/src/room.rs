@@ -32,9 +32,8 @@ use crate::wire::{CHAT_HEADER, ErrorWire, MESSAGE_ID_HEADER, SendWire, USER_HEAD
 const TURN_KEY: &str = "turn";
 /// DO storage key of the `{user}:{chat}` this object serves.
 const OWNER_KEY: &str = "owner";
-/// While a turn runs, an alarm stays this far ahead: if the object is evicted,
-/// the alarm wakes it to store the last checkpoint.
-const ALARM_AHEAD: Duration = Duration::from_secs(30);
+/// Default of [`RoomSettings::recovery_alarm`].
+pub const DEFAULT_RECOVERY_ALARM: Duration = Duration::from_secs(30);
 
 /// What a [`ChatRoom`] needs besides the runtime's `State` and `Env`.
 #[derive(Clone)]
@@ -45,6 +44,10 @@ pub struct RoomSettings {
     pub model: Arc<dyn ModelProvider>,
     /// Turn settings (checkpoint interval, limits, tools, ...).
     pub config: TurnConfig,
+    /// While a turn runs, an alarm stays this far ahead: if the object is
+    /// evicted, the alarm wakes it to store the last checkpoint even when no
+    /// request comes. Default [`DEFAULT_RECOVERY_ALARM`].
+    pub recovery_alarm: Duration,
 }
 
 impl std::fmt::Debug for RoomSettings {
@@ -188,6 +191,7 @@ struct Live {
 
 struct Room {
     store: Rc<CheckpointStore>,
+    recovery_alarm: Duration,
     runner: TurnRunner,
     live: RefCell<Option<Rc<Live>>>,
     /// The `{user}:{chat}` checked against storage (once per instance).
@@ -243,6 +247,7 @@ impl ChatRoom {
                 );
                 Rc::new(Room {
                     store,
+                    recovery_alarm: settings.recovery_alarm,
                     runner,
                     live: RefCell::new(None),
                     owner: RefCell::new(None),
@@ -309,10 +314,10 @@ impl ChatRoom {
             return Response::empty();
         };
         if room.live.borrow().is_some() {
-            room.store.storage.set_alarm(ALARM_AHEAD).await?;
+            room.store.storage.set_alarm(room.recovery_alarm).await?;
         } else if let Err(e) = room.recover().await {
             tracing::error!(error = %e, "recovery from the alarm failed; retrying later");
-            room.store.storage.set_alarm(ALARM_AHEAD).await?;
+            room.store.storage.set_alarm(room.recovery_alarm).await?;
         }
         Response::empty()
     }
@@ -455,7 +460,7 @@ impl Room {
                 .await?;
             room.store
                 .storage
-                .set_alarm(ALARM_AHEAD)
+                .set_alarm(room.recovery_alarm)
                 .await
                 .map_err(|e| do_error(&e))?;
             Ok::<_, Error>(prepared)

@@ -27,7 +27,7 @@ use chat_core::{
 };
 use chat_http::{ApiError, Authenticator, ChatService, DevHeaderAuth, JwtAuth, parse_chat_id};
 use chat_llm_openai::OpenAiProvider;
-use chat_store_d1::{ChatRoom, D1Store, DoSessions, RoomSettings};
+use chat_store_d1::{ChatRoom, D1Store, DEFAULT_RECOVERY_ALARM, DoSessions, RoomSettings};
 use futures::StreamExt;
 use worker::{Context, Env, Headers, Method, Request, Response, State, event};
 
@@ -322,7 +322,10 @@ pub use chat_room::ChatDo;
 /// The Durable Object class (its JS glue methods come from `#[durable_object]`).
 #[allow(missing_docs)] // the macro generates undocumented public glue
 mod chat_room {
-    use super::{ChatRoom, D1_BINDING, Env, Request, Response, RoomSettings, State, TurnConfig};
+    use super::{
+        ChatRoom, D1_BINDING, DEFAULT_RECOVERY_ALARM, Duration, Env, Request, Response,
+        RoomSettings, State, TurnConfig,
+    };
     use worker::{DurableObject, durable_object};
 
     /// The Durable Object of one chat: the live turn, its stream and its checkpoints.
@@ -343,6 +346,9 @@ mod chat_room {
                         d1_binding: D1_BINDING.into(),
                         model,
                         config: TurnConfig::default(),
+                        recovery_alarm: crate::var(&env, "RECOVERY_ALARM_MS")
+                            .and_then(|v| v.parse().ok())
+                            .map_or(DEFAULT_RECOVERY_ALARM, Duration::from_millis),
                     },
                 ),
                 Err(e) => ChatRoom::unavailable(e),

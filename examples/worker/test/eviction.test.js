@@ -11,6 +11,7 @@ import {
   call,
   createChat,
   deltas,
+  eventually,
   expectedText,
   history,
   readEvents,
@@ -70,6 +71,40 @@ test("a turn cut off by eviction is recovered from the DO's checkpoint, once", a
     assert.equal(next.status, 200);
     assert.ok((await readEvents(next)).done);
     assert.equal((await rows(w, chatId)).length, 4);
+  } finally {
+    await w.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("with no request at all, the safety alarm stores the checkpoint after an eviction", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "chat-worker-alarm-"));
+  const alarmVars = { ...vars, RECOVERY_ALARM_MS: "1000" };
+  let w = await start({ persist: dir, vars: alarmVars });
+  try {
+    const chatId = await createChat(w.url, "alarmed");
+    const res = await send(w.url, "alarmed", chatId, "a long answer, please");
+    const head = await readEvents(res, (ev) => deltas(ev).length >= 20);
+    const messageId = head.events[0].messageId;
+    await sleep(100);
+    await w.close();
+
+    w = await start({ persist: dir, vars: alarmVars });
+    // Nobody asks for the chat: only the alarm can wake its DO.
+    const recovered = await eventually(async () => {
+      const r = await rows(w, chatId);
+      return r.length === 2 ? r : null;
+    }, 15000);
+    assert.equal(recovered[1].id, messageId);
+    assert.equal(recovered[1].status, "complete");
+    const meta = await w.db
+      .prepare("SELECT finish_reason FROM messages WHERE id = ?1")
+      .bind(messageId)
+      .first();
+    assert.equal(meta.finish_reason, "error");
+    const msgs = await history(w.url, "alarmed", chatId);
+    assert.equal(msgs.length, 2);
+    assert.ok(expectedText(200).startsWith(textOf(msgs[1])));
   } finally {
     await w.close();
     rmSync(dir, { recursive: true, force: true });
