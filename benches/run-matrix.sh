@@ -10,6 +10,9 @@
 #   CONCURRENCY="50 500 5000 10000" virtual users
 #   TARGETS="ceiling sqlite postgres"
 #   DURATION=10 WARMUP=2            seconds per cell (measured / not measured)
+#   WARMUP_BIG=10                   warmup of cells with >= 5,000 users: all users start
+#                                   at once, so the first streams end together; the
+#                                   window opens once completions have spread out
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432   a fresh database per cell is made there
 #   THREADS=2                       load generator worker threads
 #   NO_BUILD=1                      reuse target/release binaries
@@ -21,6 +24,7 @@ CONCURRENCY=${CONCURRENCY:-"50 500 5000 10000"}
 TARGETS=${TARGETS:-"ceiling sqlite postgres"}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
+WARMUP_BIG=${WARMUP_BIG:-10}
 THREADS=${THREADS:-2}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 BIN=target/release
@@ -42,7 +46,7 @@ trap 'rm -rf "$work"' EXIT
   echo "memory: $(free -h | awk '/^Mem:/{print $2}')"
   echo "kernel: $(uname -r)"
   echo "rustc: $(rustc --version)"
-  echo "cell: warmup ${WARMUP}s, measured ${DURATION}s, load generator threads ${THREADS}"
+  echo "cell: warmup ${WARMUP}s (${WARMUP_BIG}s from 5,000 users), measured ${DURATION}s, load generator threads ${THREADS}"
 } > "$out/machine.txt"
 
 cell=0
@@ -51,7 +55,9 @@ for delay in $DELAYS; do
     for target in $TARGETS; do
       cell=$((cell + 1))
       name="d${delay}-c${c}-${target}"
-      common=(--concurrency "$c" --duration "$DURATION" --warmup "$WARMUP" --threads "$THREADS"
+      warm=$WARMUP
+      if (( c >= 5000 )); then warm=$WARMUP_BIG; fi
+      common=(--concurrency "$c" --duration "$DURATION" --warmup "$warm" --threads "$THREADS"
         --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --json "$out/$name.json")
       export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
       export AUTH=dev-header MODEL=demo SHUTDOWN_GRACE_MS=1000
