@@ -470,6 +470,8 @@ impl Room {
             Ok(p) => p,
             Err(e) => {
                 *room.live.borrow_mut() = None;
+                // Release anyone who waited on this turn meanwhile (stop, delete, resume).
+                live.buffer.close();
                 return Err(e);
             }
         };
