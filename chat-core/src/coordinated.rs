@@ -235,11 +235,21 @@ impl CoordinatedSessions {
                             Err(_) => true,
                         };
                         if !alive {
-                            // Drain what was published before the lease lapsed.
-                            while let Some(Some(f)) = futures::FutureExt::now_or_never(frames.next()) {
-                                if &f[..] == DONE_FRAME { done = true; break; }
-                                buffer.push(f);
-                            }
+                            // Drain what was published before the lease lapsed: a
+                            // turn released a moment ago may still have its last
+                            // frames and end marker on the way from a remote bus.
+                            let drain = async {
+                                while let Some(f) = frames.next().await {
+                                    if &f[..] == DONE_FRAME {
+                                        return true;
+                                    }
+                                    buffer.push(f);
+                                }
+                                false
+                            };
+                            done = tokio::time::timeout(inner.settings.liveness_check, drain)
+                                .await
+                                .unwrap_or(false);
                             break;
                         }
                     }

@@ -8,7 +8,9 @@
 //!   whichever coordinator ran them.
 //! - **Chunks**: the running turn's frames are rows of `turn_frames` (replay
 //!   from the first); `NOTIFY` wakes followers, which then read what is new
-//!   (so payload size limits do not matter). Release appends an end row.
+//!   (so payload size limits do not matter). Only turns that someone follows
+//!   notify (`NOTIFY` serializes commits database-wide). Release appends an
+//!   end row.
 //! - **Stop**: a flag on the lease row plus a `NOTIFY` to the holder.
 //!
 //! One `LISTEN` connection per coordinator fans notifications out; every
@@ -345,7 +347,7 @@ impl TurnCoordinator for PgCoordinator {
                  COALESCE((SELECT fence FROM chats WHERE id = $1), 0) + 1), \
                  NULL, clock_timestamp() + make_interval(secs => $2::float8 / 1000), FALSE \
              ON CONFLICT (chat_id) DO UPDATE SET token = GREATEST(EXCLUDED.token, l.token + 1), \
-                 message_id = NULL, expires_at = EXCLUDED.expires_at, stop = FALSE \
+                 message_id = NULL, expires_at = EXCLUDED.expires_at, stop = FALSE, watched = FALSE \
              WHERE l.expires_at <= clock_timestamp() \
              RETURNING token",
         )
@@ -392,26 +394,20 @@ impl TurnCoordinator for PgCoordinator {
     async fn release(&self, lease: &Lease) -> Result<(), CoordError> {
         let chat = lease.chat.to_string();
         let token = db_token(lease.token);
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query("DELETE FROM chat_leases WHERE chat_id = $1 AND token = $2")
-            .bind(&chat)
-            .bind(token)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query("INSERT INTO turn_frames (chat_id, token, frame) VALUES ($1, $2, NULL)")
-            .bind(&chat)
-            .bind(token)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&self.settings.channel)
-            .bind(format!("d {chat} {token}"))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
+        // One statement: free the lease (if still ours), end the stream, and
+        // wake followers if the turn had any.
+        sqlx::query(
+            "WITH del AS (DELETE FROM chat_leases WHERE chat_id = $1 AND token = $2 RETURNING watched), \
+             ins AS (INSERT INTO turn_frames (chat_id, token, frame) VALUES ($1, $2, NULL)) \
+             SELECT pg_notify($3, $4) FROM del WHERE watched",
+        )
+        .bind(&chat)
+        .bind(token)
+        .bind(&self.settings.channel)
+        .bind(format!("d {chat} {token}"))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
         self.sweep().await;
         Ok(())
     }
@@ -427,16 +423,20 @@ impl TurnCoordinator for PgCoordinator {
         let chat = lease.chat.to_string();
         let token = db_token(lease.token);
         let data: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
-        // One statement: frames only while the lease is held, then the wake-up
-        // (delivered at commit, so followers see the rows).
+        // One statement: frames only while the lease is held, then, if a
+        // follower watches, the wake-up (delivered at commit, so followers
+        // see the rows).
         let held = sqlx::query(
-            "WITH ins AS ( \
+            "WITH l AS (SELECT watched FROM chat_leases WHERE chat_id = $1 AND token = $2 \
+                 AND expires_at > clock_timestamp()), \
+             ins AS ( \
                  INSERT INTO turn_frames (chat_id, token, frame) \
                  SELECT $1, $2, t.f FROM unnest($3::bytea[]) WITH ORDINALITY AS t(f, n) \
-                 WHERE EXISTS (SELECT 1 FROM chat_leases WHERE chat_id = $1 AND token = $2 \
-                     AND expires_at > clock_timestamp()) \
+                 WHERE EXISTS (SELECT 1 FROM l) \
                  ORDER BY t.n RETURNING 1) \
-             SELECT pg_notify($4, $5) FROM (SELECT 1 FROM ins LIMIT 1) x",
+             SELECT (SELECT watched FROM l) AS watched, \
+                 CASE WHEN (SELECT watched FROM l) THEN pg_notify($4, $5) END \
+             FROM (SELECT 1 FROM ins LIMIT 1) x",
         )
         .bind(&chat)
         .bind(token)
@@ -466,6 +466,13 @@ impl TurnCoordinator for PgCoordinator {
             return Ok(None);
         };
         let token = db_token(running.token);
+        // From now on publishing wakes followers; frames before are read below.
+        sqlx::query("UPDATE chat_leases SET watched = TRUE WHERE chat_id = $1 AND token = $2")
+            .bind(chat.to_string())
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
         let follower = Follower {
             pool: self.pool.clone(),
             chat: chat.to_string(),

@@ -61,7 +61,7 @@ impl Cluster {
         let ns = format!("mi{}", uuid::Uuid::new_v4().simple());
         let mut env: Vec<(String, String)> = vec![
             ("COORDINATION_NAMESPACE".into(), ns),
-            ("LEASE_TTL_MS".into(), "1500".into()),
+            ("LEASE_TTL_MS".into(), "3000".into()),
             ("TOKENS".into(), "40".into()),
             ("TOKEN_DELAY_MS".into(), "15".into()),
             ("CHECKPOINT_MS".into(), "50".into()),
