@@ -49,7 +49,7 @@ use tokio::sync::broadcast;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
     /// Prefix of every key and channel (several deployments or test runs can
-    /// share one Redis). Default `chat`.
+    /// share one Redis); no braces. Default `chat`.
     pub prefix: String,
     /// Time limit of one Redis call; past it the call fails as unavailable. Default 2 s.
     pub op_timeout: Duration,
@@ -217,6 +217,16 @@ impl RedisCoordinator {
     /// Connects to `url` (`redis://host:port/db`, `rediss://…`) and starts the
     /// stop subscription. Fails when Redis is unreachable.
     pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, CoordError> {
+        if settings.prefix.contains(['{', '}']) {
+            // Redis Cluster hashes the first {...} of a key: the chat's tag must be it.
+            return Err(CoordError::Backend(
+                format!(
+                    "Redis key prefix {:?} must not contain braces",
+                    settings.prefix
+                )
+                .into(),
+            ));
+        }
         let client = Client::open(url).map_err(|e| CoordError::Backend(e.to_string().into()))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(settings.op_timeout))
@@ -266,8 +276,7 @@ impl RedisCoordinator {
     }
 
     fn key(&self, chat: &ChatId, what: &str) -> String {
-        // The `{chat}` hash tag keeps a chat's keys in one cluster slot.
-        format!("{}:{{{chat}}}:{what}", self.settings.prefix)
+        chat_key(&self.settings.prefix, chat, what)
     }
 
     fn stream_key(&self, chat: &ChatId, token: u64) -> String {
@@ -313,6 +322,12 @@ impl RedisCoordinator {
         )
         .await
     }
+}
+
+/// A key of one chat: the `{chat}` hash tag keeps all of them in one cluster
+/// slot, as multi-key scripts require.
+fn chat_key(prefix: &str, chat: &ChatId, what: &str) -> String {
+    format!("{prefix}:{{{chat}}}:{what}")
 }
 
 fn parse_lease(v: &str) -> Result<RunningTurn, CoordError> {
@@ -602,5 +617,61 @@ impl TurnCoordinator for RedisCoordinator {
                 () = tokio::time::sleep(self.settings.stop_poll) => true,
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_values_parse() {
+        let t = parse_lease("1732500000000123").unwrap();
+        assert_eq!(t.token, 1_732_500_000_000_123);
+        assert_eq!(t.message_id, None);
+        let mid = MessageId::new();
+        let t = parse_lease(&format!("42:{mid}")).unwrap();
+        assert_eq!((t.token, t.message_id), (42, Some(mid)));
+        assert!(parse_lease("x:1").is_err());
+        assert!(parse_lease("1:has space").is_err());
+    }
+
+    #[test]
+    fn keys_of_one_chat_share_a_hash_tag() {
+        let chat = ChatId::new();
+        let slot = |k: &str| {
+            let open = k.find('{').unwrap();
+            let close = open + k[open..].find('}').unwrap();
+            k[open + 1..close].to_owned()
+        };
+        let keys: Vec<String> = ["lease", "fence", "stop", "s:7"]
+            .iter()
+            .map(|w| chat_key("app:{x}", &chat, w))
+            .collect();
+        // Redis hashes the first {...}: a prefix with braces would break the
+        // tag, which is why `connect` refuses one.
+        assert!(keys.iter().all(|k| slot(k) == "x"), "{keys:?}");
+        let keys: Vec<String> = ["lease", "fence", "stop", "s:7"]
+            .iter()
+            .map(|w| chat_key("app", &chat, w))
+            .collect();
+        assert!(keys.iter().all(|k| slot(k) == chat.to_string()), "{keys:?}");
+        assert_eq!(ms(Duration::from_micros(10)), 1);
+        assert_eq!(ms(Duration::from_secs(2)), 2000);
+    }
+
+    #[tokio::test]
+    async fn a_prefix_with_braces_is_refused_before_connecting() {
+        let settings = RedisSettings {
+            prefix: "app{1}".into(),
+            ..RedisSettings::default()
+        };
+        let err = RedisCoordinator::connect("redis://127.0.0.1:1", settings)
+            .await
+            .unwrap_err();
+        assert!(
+            !err.is_retryable() && err.to_string().contains("braces"),
+            "{err}"
+        );
     }
 }
