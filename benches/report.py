@@ -38,10 +38,13 @@ for c in cells:
     if ce and ce["streams_per_s"]:
         ratio = c["streams_per_s"] / ce["streams_per_s"]
     c["ratio_to_ceiling"] = round(ratio, 3) if ratio is not None else None
+    # All users start together: while the median stream outlasts the warmup, the
+    # window still sees the first wave of completions, not a steady state.
+    c["steady"] = c["full_ms"]["p50"] is not None and c["full_ms"]["p50"] <= 1000 * c["warmup_s"]
     srv = c.get("server") or {}
     errs = ", ".join(f"{k}: {v}" for k, v in c["errors"].items()) or "0"
     rows.append(
-        f"| {c['delay_ms']} | {c['concurrency']:,} | {c['target']} | {fmt(c['streams_per_s'])} "
+        f"| {c['delay_ms']} | {c['concurrency']:,} | {c['target']} | {fmt(c['streams_per_s'])}{'' if c['steady'] else ' †'} "
         f"| {fmt(ratio, 2) if c['target'] != 'ceiling' else '1'} "
         f"| {fmt(c['ttft_ms']['p50'], 1)} / {fmt(c['ttft_ms']['p99'], 1)} "
         f"| {fmt(c['full_ms']['p50'], 0)} / {fmt(c['full_ms']['p99'], 0)} "
@@ -77,7 +80,7 @@ for t in ("sqlite", "postgres"):
         check(f"{t}: 20 ms / {n:,} clients zero errors", c["error_total"] == 0, str(c["error_total"]))
         if ceiling(c):
             check(f"{t}: 20 ms / {n:,} clients >= 0.8 of ceiling", c["ratio_to_ceiling"] >= 0.8,
-                  f"{c['ratio_to_ceiling']:.2f}")
+                  f"{c['ratio_to_ceiling']:.2f}" + ("" if c["steady"] else " (not a steady state, see †)"))
         if n == 10000 and c.get("server"):
             rss = c["server"]["peak_rss_mb"]
             check(f"{t}: 20 ms / 10,000 clients RSS < 400 MB", rss is not None and rss < 400, f"{rss} MB")
@@ -105,6 +108,9 @@ md = [
     "| delay ms | clients | target | streams/s | ratio | TTFT p50 / p99 ms | full p50 / p99 ms | errors | peak RSS MB | CPU ms/stream |",
     "|---|---|---|---|---|---|---|---|---|---|",
     *rows,
+    "",
+    "† not a steady state: the median stream took longer than the warmup, so the "
+    "measured window still counts the first wave of streams that all users started together.",
     "",
     "## Targets (issue 10)",
     "",

@@ -13,6 +13,8 @@
 #   WARMUP_BIG=10                   warmup of cells with >= 5,000 users: all users start
 #                                   at once, so the first streams end together; the
 #                                   window opens once completions have spread out
+#   WARMUP_HUGE=25                  warmup of cells with >= 10,000 users (an overloaded
+#                                   server's streams take ~20 s there)
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432   a fresh database per cell is made there
 #   THREADS=2                       load generator worker threads
 #   NO_BUILD=1                      reuse target/release binaries
@@ -25,6 +27,7 @@ TARGETS=${TARGETS:-"ceiling sqlite postgres"}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 WARMUP_BIG=${WARMUP_BIG:-10}
+WARMUP_HUGE=${WARMUP_HUGE:-25}
 THREADS=${THREADS:-2}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 BIN=target/release
@@ -46,7 +49,7 @@ trap 'rm -rf "$work"' EXIT
   echo "memory: $(free -h | awk '/^Mem:/{print $2}')"
   echo "kernel: $(uname -r)"
   echo "rustc: $(rustc --version)"
-  echo "cell: warmup ${WARMUP}s (${WARMUP_BIG}s from 5,000 users), measured ${DURATION}s, load generator threads ${THREADS}"
+  echo "cell: warmup ${WARMUP}s (${WARMUP_BIG}s from 5,000 users, ${WARMUP_HUGE}s from 10,000), measured ${DURATION}s, load generator threads ${THREADS}"
 } > "$out/machine.txt"
 
 cell=0
@@ -57,6 +60,7 @@ for delay in $DELAYS; do
       name="d${delay}-c${c}-${target}"
       warm=$WARMUP
       if (( c >= 5000 )); then warm=$WARMUP_BIG; fi
+      if (( c >= 10000 )); then warm=$WARMUP_HUGE; fi
       common=(--concurrency "$c" --duration "$DURATION" --warmup "$warm" --threads "$THREADS"
         --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --json "$out/$name.json")
       export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
