@@ -49,3 +49,5 @@ step "protocol conformance (ai 7.x, 6.x, 5.x) on $AISDK_DBS"
 node --test --test-reporter=spec conformance.test.mjs
 step "browser end-to-end (Chromium) on $AISDK_DBS; screenshots in tests/aisdk/artifacts/"
 node --test --test-reporter=spec browser.test.mjs
+step "the example server's built-in page (Chromium) on $AISDK_DBS"
+node --test --test-reporter=spec builtin-page.test.mjs
