@@ -36,6 +36,8 @@ pub mod coord;
 pub mod coordinated;
 pub mod demo;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
+mod history_cache;
 pub mod ids;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod local;
@@ -59,6 +61,8 @@ pub use coord::{CoordError, InProcessCoordinator, Lease, RunningTurn, TurnCoordi
 pub use coordinated::{CoordinatedSessions, CoordinationSettings};
 pub use demo::{DemoModel, DemoScript};
 pub use error::{BoxError, Error, ModelError, StoreError, ToolError, ValidationError};
+#[cfg(not(target_arch = "wasm32"))]
+pub use history_cache::DEFAULT_HISTORY_CACHE_BYTES;
 pub use ids::{ChatId, MessageId, UserId};
 #[cfg(not(target_arch = "wasm32"))]
 pub use local::LocalSessions;

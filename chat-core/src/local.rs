@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::TurnBuffer;
 use crate::error::Error;
+use crate::history_cache::{CachedStore, DEFAULT_HISTORY_CACHE_BYTES, HistoryCache};
 use crate::ids::{ChatId, MessageId, UserId};
 use crate::message::{FinishReason, UiMessage};
 use crate::model::ModelProvider;
@@ -25,16 +26,34 @@ struct ActiveTurn {
     cancel: CancellationToken,
 }
 
-#[derive(Debug)]
 struct Inner {
+    /// Runs turns; its store is the caching wrapper when the cache is on.
     runner: TurnRunner,
+    /// The store itself (settled history is read from here, not the cache).
+    store: Arc<dyn MessageStore>,
+    cache: Option<Arc<HistoryCache>>,
     active: Mutex<HashMap<ChatId, Arc<ActiveTurn>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("runner", &self.runner)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 /// [`ChatSession`] for one process: a running turn is a tokio task writing
 /// into a [`TurnBuffer`]; followers (the POST response, resumes) read it.
 /// Single-flight per chat; the map of running turns is touched only when a
 /// turn starts or ends, never per token.
+///
+/// A turn reads the chat's history from a bounded in-memory cache kept up to
+/// date by the runtime's own writes (default [`DEFAULT_HISTORY_CACHE_BYTES`],
+/// see [`with_history_cache`](Self::with_history_cache)). That needs this
+/// process to be the only writer of its chats' messages; with several
+/// instances use [`CoordinatedSessions`](crate::CoordinatedSessions).
 #[derive(Debug, Clone)]
 pub struct LocalSessions {
     inner: Arc<Inner>,
@@ -72,6 +91,12 @@ impl Inner {
         }
     }
 
+    fn invalidate(&self, chat: &ChatId) {
+        if let Some(c) = &self.cache {
+            c.invalidate(chat);
+        }
+    }
+
     async fn owned_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, Error> {
         Ok(self.runner.store().get_chat(user, chat).await?)
     }
@@ -89,19 +114,57 @@ impl LocalSessions {
 
     /// A runtime around a configured [`TurnRunner`].
     pub fn from_runner(runner: TurnRunner) -> Self {
+        Self::build(runner, DEFAULT_HISTORY_CACHE_BYTES)
+    }
+
+    fn build(runner: TurnRunner, cache_bytes: usize) -> Self {
+        let store = runner.store().clone();
+        let (runner, cache) = if cache_bytes == 0 {
+            (runner, None)
+        } else {
+            let cache = Arc::new(HistoryCache::new(cache_bytes));
+            let cached: Arc<dyn MessageStore> =
+                Arc::new(CachedStore::new(store.clone(), cache.clone()));
+            (runner.with_store(cached), Some(cache))
+        };
         Self {
             inner: Arc::new(Inner {
                 runner,
+                store,
+                cache,
                 active: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    /// Adds the tools the model may call.
+    /// Bounds the turn-history cache to about `max_bytes` of messages (`0`
+    /// turns it off: every turn reads the store). Call before serving.
+    #[must_use]
+    pub fn with_history_cache(self, max_bytes: usize) -> Self {
+        let runner = self
+            .inner
+            .runner
+            .clone()
+            .with_store(self.inner.store.clone());
+        Self::build(runner, max_bytes)
+    }
+
+    /// Adds the tools the model may call. Call before serving.
     #[must_use]
     pub fn with_tools(self, tools: ToolSet) -> Self {
-        let runner = self.inner.runner.clone().with_tools(tools);
-        Self::from_runner(runner)
+        Self {
+            inner: Arc::new(Inner {
+                runner: self.inner.runner.clone().with_tools(tools),
+                store: self.inner.store.clone(),
+                cache: self.inner.cache.clone(),
+                active: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Approximate bytes of history cached now (0 when the cache is off).
+    pub fn history_cache_bytes(&self) -> usize {
+        self.inner.cache.as_ref().map_or(0, |c| c.bytes())
     }
 
     /// Number of turns running now.
@@ -169,7 +232,15 @@ impl ChatSession for LocalSessions {
             turn: turn.clone(),
             armed: true,
         };
-        let prepared = self.inner.runner.prepare(user, &chat, request).await?;
+        let prepared = match self.inner.runner.prepare(user, &chat, request).await {
+            Ok(p) => p,
+            Err(e) => {
+                if matches!(e, Error::Store(_)) {
+                    self.inner.invalidate(chat_id);
+                }
+                return Err(e);
+            }
+        };
         // Publish the real assistant id (the slot is ours; swap in an updated entry).
         let turn = Arc::new(ActiveTurn {
             message_id: prepared.assistant_id.clone(),
@@ -194,6 +265,9 @@ impl ChatSession for LocalSessions {
                 .await;
             tracing::debug!(chat_id = %chat_key, reason = outcome.reason.as_str(),
                 stored = outcome.stored, "turn ended");
+            if !outcome.stored {
+                inner.invalidate(&chat_key);
+            }
             // Leave the map before closing, so a client that sees [DONE] can start the next turn.
             inner.release(chat_key, &task_turn);
             task_turn.buffer.close();
@@ -226,7 +300,7 @@ impl ChatSession for LocalSessions {
     async fn history(&self, user: &UserId, chat: &ChatId) -> Result<Vec<UiMessage>, Error> {
         self.inner.owned_chat(user, chat).await?;
         let running = self.inner.get(chat).map(|t| t.message_id.clone());
-        let stored = self.inner.runner.store().load_messages(user, chat).await?;
+        let stored = self.inner.store.load_messages(user, chat).await?;
         let mut out = Vec::with_capacity(stored.len());
         for mut m in stored {
             if running.as_ref() == Some(&m.message.id) {
@@ -237,13 +311,10 @@ impl ChatSession for LocalSessions {
                 // last checkpoint as a finished message that failed.
                 m.status = MessageStatus::Complete;
                 m.message.metadata_mut().finish_reason = Some(FinishReason::Error);
-                if let Err(e) = self
-                    .inner
-                    .runner
-                    .store()
-                    .upsert_message(user, chat, &m)
-                    .await
-                {
+                let written = self.inner.store.upsert_message(user, chat, &m).await;
+                // Written behind the cache's back: drop the chat from it.
+                self.inner.invalidate(chat);
+                if let Err(e) = written {
                     tracing::warn!(chat_id = %chat, message_id = %m.message.id, error = %e,
                         "could not finalize an orphaned checkpoint");
                 }
@@ -261,5 +332,298 @@ impl ChatSession for LocalSessions {
         }
         self.inner.runner.store().delete_chat(user, chat).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::demo::{DemoModel, demo_tools};
+    use crate::error::StoreError;
+    use crate::memory::InMemoryStore;
+    use crate::store::{ChatPage, NewChat, PageRequest, StoredMessage};
+
+    /// An [`InMemoryStore`] whose message writes fail while `fail` is set.
+    #[derive(Default)]
+    struct Flaky {
+        inner: InMemoryStore,
+        fail: AtomicBool,
+        loads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl MessageStore for Flaky {
+        async fn create_chat(&self, user: &UserId, chat: NewChat) -> Result<Chat, StoreError> {
+            self.inner.create_chat(user, chat).await
+        }
+        async fn list_chats(
+            &self,
+            user: &UserId,
+            page: PageRequest,
+        ) -> Result<ChatPage, StoreError> {
+            self.inner.list_chats(user, page).await
+        }
+        async fn get_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, StoreError> {
+            self.inner.get_chat(user, chat).await
+        }
+        async fn delete_chat(&self, user: &UserId, chat: &ChatId) -> Result<(), StoreError> {
+            self.inner.delete_chat(user, chat).await
+        }
+        async fn load_messages(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+        ) -> Result<Vec<StoredMessage>, StoreError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            self.inner.load_messages(user, chat).await
+        }
+        async fn upsert_message(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+            message: &StoredMessage,
+        ) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Conflict("injected failure".into()));
+            }
+            self.inner.upsert_message(user, chat, message).await
+        }
+        async fn set_title_if_unset(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+            title: &str,
+        ) -> Result<bool, StoreError> {
+            self.inner.set_title_if_unset(user, chat, title).await
+        }
+        async fn touch(&self, user: &UserId, chat: &ChatId, at: i64) -> Result<(), StoreError> {
+            self.inner.touch(user, chat, at).await
+        }
+    }
+
+    struct Fixture {
+        store: Arc<Flaky>,
+        sessions: LocalSessions,
+        user: UserId,
+        chat: ChatId,
+    }
+
+    impl Fixture {
+        async fn new() -> Self {
+            let store = Arc::new(Flaky::default());
+            let model = DemoModel::new(12).with_delay(Duration::from_millis(5));
+            let config = TurnConfig {
+                checkpoint_every_events: 3,
+                finalize_retries: 0,
+                ..TurnConfig::default()
+            };
+            let sessions =
+                LocalSessions::new(store.clone(), Arc::new(model), config).with_tools(demo_tools());
+            let user = UserId::new("alice").unwrap();
+            let chat = store
+                .create_chat(
+                    &user,
+                    NewChat {
+                        id: ChatId::new(),
+                        title: None,
+                        created_at: crate::now_ms(),
+                    },
+                )
+                .await
+                .unwrap()
+                .id;
+            Self {
+                store,
+                sessions,
+                user,
+                chat,
+            }
+        }
+
+        async fn run(&self, request: SendRequest) -> Result<(), Error> {
+            let turn = self.sessions.send(&self.user, &self.chat, request).await?;
+            turn.frames.collect::<Vec<_>>().await;
+            Ok(())
+        }
+
+        async fn say(&self, text: &str) {
+            let m = UiMessage::user_text(MessageId::new(), text);
+            self.run(SendRequest::submit(m)).await.unwrap();
+        }
+
+        fn cached(&self) -> Option<Vec<StoredMessage>> {
+            self.sessions.inner.cache.as_ref().unwrap().peek(&self.chat)
+        }
+
+        async fn stored(&self) -> Vec<StoredMessage> {
+            self.store
+                .load_messages(&self.user, &self.chat)
+                .await
+                .unwrap()
+        }
+
+        async fn assert_cache_matches(&self, when: &str) {
+            let cached = self
+                .cached()
+                .unwrap_or_else(|| panic!("{when}: not cached"));
+            assert_eq!(cached, self.stored().await, "{when}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_history_equals_the_store_after_every_kind_of_turn() {
+        let f = Fixture::new().await;
+        assert!(f.cached().is_none());
+        f.say("hello").await;
+        f.assert_cache_matches("first turn").await;
+        f.say("weather? [tool]").await;
+        f.assert_cache_matches("tool turn").await;
+        f.say("think [reasoning]").await;
+        f.assert_cache_matches("reasoning turn").await;
+        f.say("fail [error]").await;
+        f.assert_cache_matches("model error").await;
+        f.say("cut [truncate]").await;
+        f.assert_cache_matches("truncated").await;
+
+        // Regenerate the last answer, then an earlier one by id.
+        f.run(SendRequest::regenerate(None)).await.unwrap();
+        f.assert_cache_matches("regenerate last").await;
+        let second_answer = f.stored().await[3].message.id.clone();
+        f.run(SendRequest::regenerate(Some(second_answer)))
+            .await
+            .unwrap();
+        f.assert_cache_matches("regenerate by id").await;
+
+        // A retried user message (same id) replaces its answer in place.
+        let again = f.stored().await[0].message.clone();
+        f.run(SendRequest::submit(UiMessage::user_text(again.id, "hello")))
+            .await
+            .unwrap();
+        f.assert_cache_matches("retried message").await;
+
+        // Stop halfway: the partial answer.
+        let turn = f
+            .sessions
+            .send(
+                &f.user,
+                &f.chat,
+                SendRequest::submit(UiMessage::user_text(MessageId::new(), "long one")),
+            )
+            .await
+            .unwrap();
+        let mut frames = turn.frames;
+        frames.next().await;
+        assert!(f.sessions.stop(&f.user, &f.chat).await.unwrap());
+        frames.collect::<Vec<_>>().await;
+        f.assert_cache_matches("stopped").await;
+        let last = f.stored().await.pop().unwrap();
+        assert_eq!(
+            last.message.metadata.and_then(|m| m.finish_reason),
+            Some(FinishReason::Abort)
+        );
+
+        // Bad input changes nothing.
+        let bad = f.run(SendRequest::regenerate(Some(MessageId::new()))).await;
+        assert!(matches!(bad, Err(Error::Invalid(_))), "{bad:?}");
+        f.assert_cache_matches("bad input").await;
+        assert!(f.sessions.history_cache_bytes() > 0);
+
+        // The history the client sees is the store's.
+        let history = f.sessions.history(&f.user, &f.chat).await.unwrap();
+        let stored: Vec<UiMessage> = f.stored().await.into_iter().map(|m| m.message).collect();
+        assert_eq!(history, stored);
+    }
+
+    #[tokio::test]
+    async fn turns_read_the_store_once_per_chat() {
+        let f = Fixture::new().await;
+        for text in ["one", "two [tool]", "three"] {
+            f.say(text).await;
+        }
+        f.run(SendRequest::regenerate(None)).await.unwrap();
+        assert_eq!(f.store.loads.load(Ordering::SeqCst), 1);
+        f.assert_cache_matches("after four turns").await;
+    }
+
+    #[tokio::test]
+    async fn store_errors_drop_the_chat_from_the_cache() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.assert_cache_matches("filled").await;
+        f.store.fail.store(true, Ordering::SeqCst);
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "two",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::Store(_))), "{r:?}");
+        assert!(f.cached().is_none());
+        f.store.fail.store(false, Ordering::SeqCst);
+        f.say("three").await;
+        f.assert_cache_matches("refilled").await;
+
+        // The final write fails (the user message went in first).
+        let turn = f
+            .sessions
+            .send(
+                &f.user,
+                &f.chat,
+                SendRequest::submit(UiMessage::user_text(MessageId::new(), "four")),
+            )
+            .await
+            .unwrap();
+        f.store.fail.store(true, Ordering::SeqCst);
+        turn.frames.collect::<Vec<_>>().await;
+        assert!(f.cached().is_none());
+        f.store.fail.store(false, Ordering::SeqCst);
+        f.say("five").await;
+        f.assert_cache_matches("after a lost final write").await;
+    }
+
+    #[tokio::test]
+    async fn delete_drops_the_chat_and_a_deleted_chat_is_never_served() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.assert_cache_matches("filled").await;
+        f.sessions.delete(&f.user, &f.chat).await.unwrap();
+        assert!(f.cached().is_none());
+        assert_eq!(f.sessions.history_cache_bytes(), 0);
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "two",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        assert!(f.cached().is_none());
+    }
+
+    #[tokio::test]
+    async fn another_user_is_not_served_from_the_cache() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        let mallory = UserId::new("mallory").unwrap();
+        let m = UiMessage::user_text(MessageId::new(), "hi");
+        let r = f
+            .sessions
+            .send(&mallory, &f.chat, SendRequest::submit(m))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        f.assert_cache_matches("owner's entry untouched").await;
+    }
+
+    #[tokio::test]
+    async fn cache_can_be_turned_off() {
+        let store = Arc::new(InMemoryStore::new());
+        let sessions =
+            LocalSessions::new(store, Arc::new(DemoModel::new(2)), TurnConfig::default())
+                .with_history_cache(0);
+        assert!(sessions.inner.cache.is_none());
+        assert_eq!(sessions.history_cache_bytes(), 0);
     }
 }

@@ -221,6 +221,13 @@ impl TurnRunner {
         self
     }
 
+    /// The same runner over another store (the runtime's caching wrapper).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn with_store(mut self, store: Arc<dyn MessageStore>) -> Self {
+        self.store = store;
+        self
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn MessageStore> {
         &self.store

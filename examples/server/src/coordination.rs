@@ -46,6 +46,10 @@ pub struct CoordinationArgs {
     /// This instance's name in logs (default: the process id).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// One instance only: bytes of chat history kept in memory so a turn does
+    /// not reload the chat from the database (0 = off).
+    #[arg(long, env = "HISTORY_CACHE_BYTES", default_value_t = chat_core::DEFAULT_HISTORY_CACHE_BYTES)]
+    pub history_cache_bytes: usize,
 }
 
 /// The Postgres pool of the store, when it is on Postgres.
@@ -86,9 +90,10 @@ impl Sessions {
             .unwrap_or_else(|| std::process::id().to_string());
         let coord: Arc<dyn TurnCoordinator> = match kind {
             CoordinationKind::None => {
-                return Ok(Sessions::Local(Arc::new(LocalSessions::new(
-                    store, model, config,
-                ))));
+                return Ok(Sessions::Local(Arc::new(
+                    LocalSessions::new(store, model, config)
+                        .with_history_cache(args.history_cache_bytes),
+                )));
             }
             CoordinationKind::Redis => {
                 let url = args

@@ -1,0 +1,681 @@
+//! A bounded in-memory cache of chat histories for the single-instance
+//! runtime ([`LocalSessions`](crate::LocalSessions)), so a turn does not
+//! reload and decode the whole chat from the store.
+//!
+//! Only correct when this process is the chat's only writer: the cache is
+//! filled from the store on a miss and then kept up to date by the writes
+//! that go through [`CachedStore`]. Anything it cannot follow exactly (two
+//! writes in flight for one chat, a write racing a fill, a store error, a
+//! delete) drops the chat's entry, so the next load reads the store again.
+//! Locks are short-held std mutexes (one per shard), never held across an
+//! `.await`.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::error::StoreError;
+use crate::ids::{ChatId, UserId};
+use crate::message::Part;
+use crate::store::{Chat, ChatPage, MessageStore, NewChat, PageRequest, StoredMessage};
+
+/// Default bound of the history cache: 32 MiB of approximate message bytes.
+pub const DEFAULT_HISTORY_CACHE_BYTES: usize = 32 << 20;
+
+/// Fixed per-message overhead (the struct, its vectors, the metadata).
+const MESSAGE_OVERHEAD: usize = 192;
+
+/// Shards of a cache of at least 1 MiB (smaller caches use one shard).
+const SHARDS: usize = 16;
+
+/// Approximate heap bytes of a JSON value (a walk, no serialization).
+fn value_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 16,
+        Value::String(s) => 24 + s.len(),
+        Value::Array(a) => 24 + a.iter().map(value_size).sum::<usize>(),
+        Value::Object(o) => map_size(o),
+    }
+}
+
+fn map_size(o: &Map<String, Value>) -> usize {
+    48 + o
+        .iter()
+        .map(|(k, v)| 24 + k.len() + value_size(v))
+        .sum::<usize>()
+}
+
+fn opt_len(s: Option<&String>) -> usize {
+    s.map_or(0, String::len)
+}
+
+/// Approximate heap bytes of a stored message: its strings and JSON values
+/// plus fixed overheads (cheap: runs on every write).
+fn approx_size(m: &StoredMessage) -> usize {
+    let parts: usize = m
+        .message
+        .parts
+        .iter()
+        .map(|p| match p {
+            Part::Text(t) | Part::Reasoning(t) => {
+                64 + t.text.len()
+                    + opt_len(t.id.as_ref())
+                    + t.provider_metadata.as_ref().map_or(0, value_size)
+            }
+            Part::StepStart => 32,
+            Part::Tool(t) => {
+                128 + t.tool_name.len()
+                    + t.tool_call_id.len()
+                    + t.input.as_ref().map_or(0, value_size)
+                    + t.output.as_ref().map_or(0, value_size)
+                    + opt_len(t.error_text.as_ref())
+            }
+            Part::SourceUrl {
+                source_id,
+                url,
+                title,
+            } => 96 + source_id.len() + url.len() + opt_len(title.as_ref()),
+            Part::File {
+                media_type,
+                filename,
+                url,
+            } => 96 + media_type.len() + url.len() + opt_len(filename.as_ref()),
+            Part::Other(o) => map_size(o),
+        })
+        .sum();
+    MESSAGE_OVERHEAD + m.message.id.as_str().len() + parts
+}
+
+struct Entry {
+    /// The owner the store confirmed when the entry was filled.
+    user: UserId,
+    /// Identifies this fill (a write started against it must end against it).
+    fill: u64,
+    messages: Arc<Vec<StoredMessage>>,
+    sizes: Vec<usize>,
+    bytes: usize,
+    /// Writes started against this entry and not yet ended.
+    writes: u32,
+    /// The entry may miss a write; dropped once no write is in flight.
+    dirty: bool,
+    used: u64,
+}
+
+enum Slot {
+    /// A load from the store is under way; its result is kept only if this
+    /// slot is still here (with this token) when it arrives.
+    Loading(u64),
+    Ready(Entry),
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<ChatId, Slot>,
+    bytes: usize,
+}
+
+impl Shard {
+    fn remove(&mut self, chat: &ChatId) {
+        if let Some(Slot::Ready(e)) = self.map.remove(chat) {
+            self.bytes -= e.bytes;
+        }
+    }
+
+    /// When over `budget`, evicts the least recently used entries (those
+    /// with a write in flight last) down to 7/8 of it, so the scan is paid
+    /// once per many insertions.
+    fn evict(&mut self, budget: usize) {
+        if self.bytes <= budget {
+            return;
+        }
+        let target = budget - budget / 8;
+        let mut order: Vec<(bool, u64, ChatId)> = self
+            .map
+            .iter()
+            .filter_map(|(id, s)| match s {
+                Slot::Ready(e) => Some((e.writes > 0, e.used, *id)),
+                Slot::Loading(_) => None,
+            })
+            .collect();
+        order.sort_unstable();
+        for (_, _, id) in order {
+            if self.bytes <= target {
+                break;
+            }
+            self.remove(&id);
+        }
+    }
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    /// The history, as the store would return it.
+    Hit(Arc<Vec<StoredMessage>>),
+    /// Not cached: read the store, then [`HistoryCache::fill`] with this token
+    /// (`None`: read the store but do not fill).
+    Miss(Option<u64>),
+}
+
+/// A write in progress, from [`HistoryCache::begin_write`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteTicket {
+    chat: ChatId,
+    fill: Option<u64>,
+}
+
+/// Per-chat message lists bounded by approximate bytes (see the module docs).
+pub(crate) struct HistoryCache {
+    shards: Box<[Mutex<Shard>]>,
+    shard_budget: usize,
+    hasher: std::collections::hash_map::RandomState,
+    clock: AtomicU64,
+}
+
+impl std::fmt::Debug for HistoryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HistoryCache")
+            .field("shards", &self.shards.len())
+            .field("bytes", &self.bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HistoryCache {
+    /// A cache holding at most about `max_bytes` of messages.
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        let shards = if max_bytes >= 1 << 20 { SHARDS } else { 1 };
+        Self {
+            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            shard_budget: max_bytes / shards,
+            hasher: std::collections::hash_map::RandomState::new(),
+            clock: AtomicU64::new(1),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn shard(&self, chat: &ChatId) -> MutexGuard<'_, Shard> {
+        let h = self.hasher.hash_one(chat);
+        let i = usize::try_from(h % self.shards.len() as u64).unwrap_or(0);
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Approximate bytes held now.
+    pub(crate) fn bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).bytes)
+            .sum()
+    }
+
+    /// The cached history of `chat` for `user`, or what to do on a miss.
+    pub(crate) fn lookup(&self, user: &UserId, chat: &ChatId) -> Lookup {
+        let now = self.tick();
+        let mut shard = self.shard(chat);
+        match shard.map.get_mut(chat) {
+            Some(Slot::Ready(e)) if &e.user == user && !e.dirty => {
+                e.used = now;
+                Lookup::Hit(e.messages.clone())
+            }
+            // Another user (the store answers NotFound), a dirty entry, or a
+            // load already under way: read the store, leave the slot alone.
+            Some(_) => Lookup::Miss(None),
+            None => {
+                shard.map.insert(*chat, Slot::Loading(now));
+                Lookup::Miss(Some(now))
+            }
+        }
+    }
+
+    /// Stores what the store returned for the miss that handed out `token`,
+    /// unless a write or invalidation came in between.
+    pub(crate) fn fill(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        token: u64,
+        messages: Vec<StoredMessage>,
+    ) {
+        let sizes: Vec<usize> = messages.iter().map(approx_size).collect();
+        let bytes: usize = sizes.iter().sum();
+        let now = self.tick();
+        let mut shard = self.shard(chat);
+        if !matches!(shard.map.get(chat), Some(Slot::Loading(t)) if *t == token) {
+            return;
+        }
+        if bytes > self.shard_budget {
+            shard.map.remove(chat);
+            return;
+        }
+        shard.map.insert(
+            *chat,
+            Slot::Ready(Entry {
+                user: user.clone(),
+                fill: now,
+                messages: Arc::new(messages),
+                sizes,
+                bytes,
+                writes: 0,
+                dirty: false,
+                used: now,
+            }),
+        );
+        shard.bytes += bytes;
+        shard.evict(self.shard_budget);
+    }
+
+    /// Gives up the fill of a failed load.
+    pub(crate) fn abandon(&self, chat: &ChatId, token: u64) {
+        let mut shard = self.shard(chat);
+        if matches!(shard.map.get(chat), Some(Slot::Loading(t)) if *t == token) {
+            shard.map.remove(chat);
+        }
+    }
+
+    /// Drops whatever is cached for `chat`.
+    pub(crate) fn invalidate(&self, chat: &ChatId) {
+        self.shard(chat).remove(chat);
+    }
+
+    /// Call before writing a message of `chat` to the store.
+    pub(crate) fn begin_write(&self, user: &UserId, chat: &ChatId) -> WriteTicket {
+        let mut shard = self.shard(chat);
+        let fill = match shard.map.get_mut(chat) {
+            Some(Slot::Ready(e)) if &e.user == user => {
+                e.writes += 1;
+                if e.writes > 1 {
+                    // Two writes at once: their order in the store is unknown here.
+                    e.dirty = true;
+                }
+                Some(e.fill)
+            }
+            Some(Slot::Loading(_)) => {
+                // The load may or may not see this write.
+                shard.map.remove(chat);
+                None
+            }
+            // Not cached, or cached for another user (the store refuses the write).
+            Some(Slot::Ready(_)) | None => None,
+        };
+        WriteTicket { chat: *chat, fill }
+    }
+
+    /// Call after the write: `written` is the message when the store took it,
+    /// `None` when the write failed.
+    pub(crate) fn end_write(&self, ticket: WriteTicket, written: Option<&StoredMessage>) {
+        let size = written.map(approx_size);
+        let now = self.tick();
+        let mut shard = self.shard(&ticket.chat);
+        let shard = &mut *shard;
+        let Some(Slot::Ready(e)) = shard.map.get_mut(&ticket.chat) else {
+            // A load started after the write began may or may not have seen it.
+            shard.map.remove(&ticket.chat);
+            return;
+        };
+        if ticket.fill != Some(e.fill) {
+            // Filled (or refilled) while this write was in flight.
+            shard.remove(&ticket.chat);
+            return;
+        }
+        e.writes -= 1;
+        match (written, size) {
+            (Some(m), Some(size)) if !e.dirty => {
+                let list = Arc::make_mut(&mut e.messages);
+                if let Some(i) = list.iter().position(|x| x.message.id == m.message.id) {
+                    // Replaced in place; the store keeps position and created_at.
+                    let created_at = list[i].created_at;
+                    list[i] = StoredMessage {
+                        created_at,
+                        ..m.clone()
+                    };
+                    e.bytes = e.bytes - e.sizes[i] + size;
+                    shard.bytes = shard.bytes - e.sizes[i] + size;
+                    e.sizes[i] = size;
+                } else {
+                    list.push(m.clone());
+                    e.sizes.push(size);
+                    e.bytes += size;
+                    shard.bytes += size;
+                }
+                e.used = now;
+            }
+            _ => e.dirty = true,
+        }
+        if e.dirty && e.writes == 0 {
+            shard.remove(&ticket.chat);
+        }
+        shard.evict(self.shard_budget);
+    }
+
+    /// The cached list of `chat`, whoever owns it (tests).
+    #[cfg(test)]
+    pub(crate) fn peek(&self, chat: &ChatId) -> Option<Vec<StoredMessage>> {
+        match self.shard(chat).map.get(chat) {
+            Some(Slot::Ready(e)) if !e.dirty => Some((*e.messages).clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A [`MessageStore`] that serves `load_messages` from a [`HistoryCache`] and
+/// writes through to the wrapped store, keeping the cache in step.
+pub(crate) struct CachedStore {
+    inner: Arc<dyn MessageStore>,
+    cache: Arc<HistoryCache>,
+}
+
+impl CachedStore {
+    /// Wraps `inner`.
+    pub(crate) fn new(inner: Arc<dyn MessageStore>, cache: Arc<HistoryCache>) -> Self {
+        Self { inner, cache }
+    }
+
+    async fn write<F>(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        message: &StoredMessage,
+        write: F,
+    ) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let mut guard = WriteGuard {
+            cache: &self.cache,
+            ticket: Some(self.cache.begin_write(user, chat)),
+        };
+        let r = write.await;
+        if let Some(t) = guard.ticket.take() {
+            self.cache.end_write(t, r.is_ok().then_some(message));
+        }
+        r
+    }
+}
+
+/// Ends a write as failed if its future is dropped before the store answered.
+struct WriteGuard<'a> {
+    cache: &'a HistoryCache,
+    ticket: Option<WriteTicket>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.cache.end_write(t, None);
+        }
+    }
+}
+
+/// Gives up a fill if the load's future is dropped before the store answered.
+struct LoadGuard<'a> {
+    cache: &'a HistoryCache,
+    chat: ChatId,
+    token: Option<u64>,
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.token.take() {
+            self.cache.abandon(&self.chat, t);
+        }
+    }
+}
+
+#[async_trait]
+impl MessageStore for CachedStore {
+    async fn create_chat(&self, user: &UserId, chat: NewChat) -> Result<Chat, StoreError> {
+        self.inner.create_chat(user, chat).await
+    }
+
+    async fn list_chats(&self, user: &UserId, page: PageRequest) -> Result<ChatPage, StoreError> {
+        self.inner.list_chats(user, page).await
+    }
+
+    async fn get_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, StoreError> {
+        self.inner.get_chat(user, chat).await
+    }
+
+    async fn delete_chat(&self, user: &UserId, chat: &ChatId) -> Result<(), StoreError> {
+        self.cache.invalidate(chat);
+        let r = self.inner.delete_chat(user, chat).await;
+        self.cache.invalidate(chat);
+        r
+    }
+
+    async fn load_messages(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        match self.cache.lookup(user, chat) {
+            Lookup::Hit(list) => Ok((*list).clone()),
+            Lookup::Miss(token) => {
+                let mut guard = LoadGuard {
+                    cache: &self.cache,
+                    chat: *chat,
+                    token,
+                };
+                let r = self.inner.load_messages(user, chat).await;
+                match (&r, guard.token.take()) {
+                    (Ok(list), Some(t)) => self.cache.fill(user, chat, t, list.clone()),
+                    (Ok(_), None) => {}
+                    (Err(_), t) => {
+                        if let Some(t) = t {
+                            self.cache.abandon(chat, t);
+                        }
+                        self.cache.invalidate(chat);
+                    }
+                }
+                r
+            }
+        }
+    }
+
+    async fn upsert_message(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        message: &StoredMessage,
+    ) -> Result<(), StoreError> {
+        self.write(
+            user,
+            chat,
+            message,
+            self.inner.upsert_message(user, chat, message),
+        )
+        .await
+    }
+
+    async fn set_title_if_unset(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        title: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.set_title_if_unset(user, chat, title).await
+    }
+
+    async fn touch(&self, user: &UserId, chat: &ChatId, at: i64) -> Result<(), StoreError> {
+        self.inner.touch(user, chat, at).await
+    }
+
+    fn supports_fencing(&self) -> bool {
+        self.inner.supports_fencing()
+    }
+
+    async fn upsert_message_fenced(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        message: &StoredMessage,
+        fence: u64,
+    ) -> Result<(), StoreError> {
+        self.write(
+            user,
+            chat,
+            message,
+            self.inner.upsert_message_fenced(user, chat, message, fence),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::MessageId;
+    use crate::message::UiMessage;
+    use crate::store::MessageStatus;
+
+    fn msg(text: &str, at: i64) -> StoredMessage {
+        StoredMessage {
+            message: UiMessage::user_text(MessageId::new(), text),
+            created_at: at,
+            updated_at: at,
+            status: MessageStatus::Complete,
+        }
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).unwrap()
+    }
+
+    fn filled(cache: &HistoryCache, u: &UserId, chat: &ChatId, list: Vec<StoredMessage>) {
+        let Lookup::Miss(Some(t)) = cache.lookup(u, chat) else {
+            panic!("expected a fresh miss");
+        };
+        cache.fill(u, chat, t, list);
+    }
+
+    fn hit(cache: &HistoryCache, u: &UserId, chat: &ChatId) -> Option<Vec<StoredMessage>> {
+        match cache.lookup(u, chat) {
+            Lookup::Hit(l) => Some((*l).clone()),
+            Lookup::Miss(_) => None,
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_by_bytes() {
+        let one = approx_size(&msg(&"x".repeat(1000), 1));
+        // Room for two chats of one message each, not three.
+        let cache = HistoryCache::new(one * 2 + one / 2);
+        let u = user("alice");
+        let (a, b, c) = (ChatId::new(), ChatId::new(), ChatId::new());
+        filled(&cache, &u, &a, vec![msg(&"a".repeat(1000), 1)]);
+        filled(&cache, &u, &b, vec![msg(&"b".repeat(1000), 1)]);
+        assert!(
+            hit(&cache, &u, &a).is_some(),
+            "a is used again, b is now the oldest"
+        );
+        filled(&cache, &u, &c, vec![msg(&"c".repeat(1000), 1)]);
+        assert_eq!(cache.bytes(), one * 2);
+        assert!(cache.peek(&b).is_none(), "b was evicted");
+        assert!(hit(&cache, &u, &a).is_some());
+        assert!(hit(&cache, &u, &c).is_some());
+
+        // Growth by writes evicts too.
+        let t = cache.begin_write(&u, &a);
+        let big = msg(&"y".repeat(1000), 2);
+        cache.end_write(t, Some(&big));
+        assert!(
+            cache.bytes() <= one * 2 + one / 2,
+            "bytes {}",
+            cache.bytes()
+        );
+        assert!(cache.peek(&c).is_none(), "c was the least recently used");
+        assert_eq!(cache.peek(&a).map(|l| l.len()), Some(2));
+
+        // A history larger than the whole budget is not kept.
+        let d = ChatId::new();
+        filled(&cache, &u, &d, vec![msg(&"d".repeat(4000), 1)]);
+        assert!(cache.peek(&d).is_none());
+    }
+
+    #[test]
+    fn writes_keep_the_list_as_the_store_has_it() {
+        let cache = HistoryCache::new(DEFAULT_HISTORY_CACHE_BYTES);
+        let u = user("alice");
+        let chat = ChatId::new();
+        let first = msg("first", 10);
+        filled(&cache, &u, &chat, vec![first.clone()]);
+        let second = msg("second", 20);
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, Some(&second));
+        // Replacing keeps the position and the first created_at.
+        let mut again = first.clone();
+        again.created_at = 99;
+        again.updated_at = 30;
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, Some(&again));
+        let list = hit(&cache, &u, &chat).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].message.id, first.message.id);
+        assert_eq!((list[0].created_at, list[0].updated_at), (10, 30));
+        assert_eq!(list[1], second);
+        // Another user never gets it, and does not disturb it.
+        assert!(matches!(
+            cache.lookup(&user("mallory"), &chat),
+            Lookup::Miss(None)
+        ));
+        assert!(hit(&cache, &u, &chat).is_some());
+    }
+
+    #[test]
+    fn anything_it_cannot_follow_drops_the_entry() {
+        let cache = HistoryCache::new(DEFAULT_HISTORY_CACHE_BYTES);
+        let u = user("alice");
+
+        // A failed write.
+        let chat = ChatId::new();
+        filled(&cache, &u, &chat, vec![msg("a", 1)]);
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, None);
+        assert!(cache.peek(&chat).is_none());
+
+        // Two writes in flight at once.
+        let chat = ChatId::new();
+        filled(&cache, &u, &chat, vec![msg("a", 1)]);
+        let t1 = cache.begin_write(&u, &chat);
+        let t2 = cache.begin_write(&u, &chat);
+        cache.end_write(t1, Some(&msg("b", 2)));
+        assert!(
+            hit(&cache, &u, &chat).is_none(),
+            "dirty while a write is in flight"
+        );
+        cache.end_write(t2, Some(&msg("c", 3)));
+        assert!(cache.peek(&chat).is_none());
+        assert_eq!(cache.bytes(), 0);
+
+        // A write that starts while a load is under way: the fill is dropped.
+        let chat = ChatId::new();
+        let Lookup::Miss(Some(token)) = cache.lookup(&u, &chat) else {
+            panic!("expected a fresh miss");
+        };
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, Some(&msg("b", 2)));
+        cache.fill(&u, &chat, token, vec![msg("a", 1)]);
+        assert!(cache.peek(&chat).is_none());
+
+        // A write that started before a load and ends after its fill.
+        let chat = ChatId::new();
+        let t = cache.begin_write(&u, &chat);
+        filled(&cache, &u, &chat, vec![msg("a", 1)]);
+        cache.end_write(t, Some(&msg("b", 2)));
+        assert!(cache.peek(&chat).is_none());
+
+        // Invalidation.
+        let chat = ChatId::new();
+        filled(&cache, &u, &chat, vec![msg("a", 1)]);
+        cache.invalidate(&chat);
+        assert!(cache.peek(&chat).is_none());
+        assert_eq!(cache.bytes(), 0);
+    }
+}
