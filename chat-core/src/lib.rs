@@ -76,6 +76,7 @@ pub use session::{ChatSession, SendRequest, Trigger, TurnStream};
 pub use sse::{SseEncoder, UI_STREAM_HEADERS, parse_sse};
 pub use store::{
     Chat, ChatCursor, ChatPage, MessageStatus, MessageStore, NewChat, PageRequest, StoredMessage,
+    listed_history,
 };
 pub use title::title_from_text;
 pub use tool::{Tool, ToolContext, ToolSet, ToolSpec};

@@ -12,10 +12,10 @@ use crate::buffer::TurnBuffer;
 use crate::error::Error;
 use crate::history_cache::{CachedStore, DEFAULT_HISTORY_CACHE_BYTES, HistoryCache};
 use crate::ids::{ChatId, MessageId, UserId};
-use crate::message::{FinishReason, UiMessage};
+use crate::message::UiMessage;
 use crate::model::ModelProvider;
 use crate::session::{ChatSession, SendRequest, TurnStream};
-use crate::store::{Chat, MessageStatus, MessageStore};
+use crate::store::{Chat, MessageStore};
 use crate::tool::ToolSet;
 use crate::turn::{BufferSink, TurnConfig, TurnRunner};
 
@@ -300,28 +300,13 @@ impl ChatSession for LocalSessions {
     async fn history(&self, user: &UserId, chat: &ChatId) -> Result<Vec<UiMessage>, Error> {
         self.inner.owned_chat(user, chat).await?;
         let running = self.inner.get(chat).map(|t| t.message_id.clone());
-        let stored = self.inner.store.load_messages(user, chat).await?;
-        let mut out = Vec::with_capacity(stored.len());
-        for mut m in stored {
-            if running.as_ref() == Some(&m.message.id) {
-                continue;
-            }
-            if m.status == MessageStatus::Streaming {
-                // No turn runs for it: the process that ran it died. Keep the
-                // last checkpoint as a finished message that failed.
-                m.status = MessageStatus::Complete;
-                m.message.metadata_mut().finish_reason = Some(FinishReason::Error);
-                let written = self.inner.store.upsert_message(user, chat, &m).await;
-                // Written behind the cache's back: drop the chat from it.
-                self.inner.invalidate(chat);
-                if let Err(e) = written {
-                    tracing::warn!(chat_id = %chat, message_id = %m.message.id, error = %e,
-                        "could not finalize an orphaned checkpoint");
-                }
-            }
-            out.push(m.message);
+        let (listed, rewritten) =
+            crate::store::listed_history(&*self.inner.store, user, chat, running.as_ref()).await?;
+        if rewritten {
+            // Written behind the cache's back: drop the chat from it.
+            self.inner.invalidate(chat);
         }
-        Ok(out)
+        Ok(listed)
     }
 
     async fn delete(&self, user: &UserId, chat: &ChatId) -> Result<(), Error> {
@@ -345,6 +330,7 @@ mod tests {
     use crate::demo::{DemoModel, demo_tools};
     use crate::error::StoreError;
     use crate::memory::InMemoryStore;
+    use crate::message::FinishReason;
     use crate::store::{ChatPage, NewChat, PageRequest, StoredMessage};
 
     /// An [`InMemoryStore`] whose message writes fail while `fail` is set.

@@ -206,6 +206,39 @@ pub trait MessageStore: crate::MaybeSendSync + 'static {
     }
 }
 
+/// The messages of a chat as clients are shown them (`GET .../messages`):
+/// the running turn's assistant message (`running`) is left out, and every
+/// other checkpoint (a [`MessageStatus::Streaming`] message no turn runs for:
+/// its writer died) is finalized in the store as a finished message with
+/// finish reason `error`. Returns the messages and whether any was rewritten.
+/// A failed rewrite is logged and the message is still listed as finished.
+pub async fn listed_history(
+    store: &dyn MessageStore,
+    user: &UserId,
+    chat: &ChatId,
+    running: Option<&crate::ids::MessageId>,
+) -> Result<(Vec<UiMessage>, bool), StoreError> {
+    let stored = store.load_messages(user, chat).await?;
+    let mut rewritten = false;
+    let mut out = Vec::with_capacity(stored.len());
+    for mut m in stored {
+        if running == Some(&m.message.id) {
+            continue;
+        }
+        if m.status == MessageStatus::Streaming {
+            m.status = MessageStatus::Complete;
+            m.message.metadata_mut().finish_reason = Some(crate::message::FinishReason::Error);
+            rewritten = true;
+            if let Err(e) = store.upsert_message(user, chat, &m).await {
+                tracing::warn!(chat_id = %chat, message_id = %m.message.id, error = %e,
+                    "could not finalize an orphaned checkpoint");
+            }
+        }
+        out.push(m.message);
+    }
+    Ok((out, rewritten))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -533,24 +533,10 @@ impl Room {
             .borrow()
             .as_ref()
             .map(|l| l.message_id.borrow().clone());
-        let stored = self.store.d1.load_messages(user, chat).await?;
-        let mut out = Vec::with_capacity(stored.len());
-        for mut m in stored {
-            if running.as_ref() == Some(&m.message.id) {
-                continue;
-            }
-            if m.status == MessageStatus::Streaming {
-                // Not written by this DO (its checkpoints live in DO storage): a
-                // leftover of a dead writer; list it as a finished message that failed.
-                m.status = MessageStatus::Complete;
-                m.message.metadata_mut().finish_reason = Some(FinishReason::Error);
-                if let Err(e) = self.store.d1.upsert_message(user, chat, &m).await {
-                    tracing::warn!(chat_id = %chat, message_id = %m.message.id, error = %e,
-                        "could not finalize an orphaned checkpoint");
-                }
-            }
-            out.push(m.message);
-        }
+        // Leftover checkpoints in D1 were not written by this DO (its own live in
+        // DO storage): a dead writer's; they are listed as finished messages that failed.
+        let (out, _) =
+            chat_core::store::listed_history(&self.store.d1, user, chat, running.as_ref()).await?;
         Ok(json(&out))
     }
 
