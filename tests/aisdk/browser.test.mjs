@@ -4,49 +4,18 @@
 // go to tests/aisdk/artifacts/<backend>/.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync, existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, existsSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomUUID } from 'node:crypto';
-import { chromium } from 'playwright-core';
 
 import { backends, freshDb, startServer, api, repoRoot } from './lib/server.mjs';
+import { CHROMIUM, browserProfile } from './lib/browser.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const WEB_DIST = process.env.WEB_DIST ?? join(repoRoot, 'examples', 'web', 'dist');
-const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const TOKENS = 60;
 const full = Array.from({ length: TOKENS }, (_, i) => `tok${i} `).join('');
-
-const ARGS = [
-  '--no-sandbox',
-  '--disable-background-networking',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-component-update',
-  '--disable-sync',
-  '--disable-dev-shm-usage',
-];
-
-/** A browser with its own fresh profile directory (so its own localStorage = its own user). */
-async function browserProfile() {
-  const dir = mkdtempSync(join(tmpdir(), 'aisdk-chromium-'));
-  const context = await chromium.launchPersistentContext(dir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ARGS,
-    viewport: { width: 1100, height: 720 },
-  });
-  return {
-    context,
-    async close() {
-      await context.close();
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
 
 const lastAssistant = (page) => page.getByTestId('message-assistant').last();
 const status = (page) => page.getByTestId('chat').getAttribute('data-status');

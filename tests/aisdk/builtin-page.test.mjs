@@ -6,45 +6,16 @@
 // tests/aisdk/artifacts/builtin-<backend>/.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
 
 import { backends, freshDb, startServer, api } from './lib/server.mjs';
+import { browserProfile } from './lib/browser.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const TOKENS = 60;
 const full = Array.from({ length: TOKENS }, (_, i) => `tok${i} `).join('');
-const ARGS = [
-  '--no-sandbox',
-  '--disable-background-networking',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-component-update',
-  '--disable-sync',
-  '--disable-dev-shm-usage',
-];
-
-async function profile() {
-  const dir = mkdtempSync(join(tmpdir(), 'builtin-chromium-'));
-  const context = await chromium.launchPersistentContext(dir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ARGS,
-    viewport: { width: 1100, height: 720 },
-  });
-  return {
-    context,
-    async close() {
-      await context.close();
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
 
 const assistantText = (page) =>
   page.evaluate(() => {
@@ -68,7 +39,7 @@ for (const kind of backends()) {
       mkdirSync(shots, { recursive: true });
       db = freshDb(kind);
       server = await startServer(db, { TOKENS: String(TOKENS), TOKEN_DELAY_MS: '40' });
-      browser = await profile();
+      browser = await browserProfile();
     });
     after(async () => {
       await browser?.close();
