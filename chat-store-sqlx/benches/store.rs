@@ -160,6 +160,26 @@ fn bench(c: &mut Criterion) {
                 });
             },
         );
+        // The server's situation: 64 turns on 64 chats each storing a message at once.
+        let many: Vec<ChatId> = rt.block_on(async {
+            let mut out = Vec::new();
+            for _ in 0..64 {
+                out.push(seed(store, &user, 1, 0).await);
+            }
+            out
+        });
+        let author = &user;
+        g.bench_function(BenchmarkId::new("append_message_x64_chats", name), |b| {
+            b.to_async(&rt).iter(|| async {
+                let writes = many.iter().map(|chat| async move {
+                    store
+                        .upsert_message(author, chat, &msg("tok0 tok1", MessageStatus::Complete))
+                        .await
+                        .unwrap();
+                });
+                futures::future::join_all(writes).await;
+            });
+        });
         g.throughput(Throughput::Elements(1));
         let cp = msg("partial answer so far", MessageStatus::Streaming);
         rt.block_on(store.upsert_message(&user, &chat, &cp))

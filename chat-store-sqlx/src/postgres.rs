@@ -1,12 +1,16 @@
 //! PostgreSQL backend: one pool, prepared statements (cached per connection),
-//! the chat row locked for the duration of a message write.
+//! the chat row locked for the duration of a message write, concurrent
+//! message writes group-committed (one statement and one commit per batch,
+//! see `batch`).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_core::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+use crate::batch::WriteQueue;
 use crate::store::{DEFAULT_MAX_ROW_BYTES, message_store_impl};
 
 /// Chats and messages in PostgreSQL.
@@ -14,6 +18,8 @@ use crate::store::{DEFAULT_MAX_ROW_BYTES, message_store_impl};
 pub struct PostgresStore {
     pool: PgPool,
     pub(crate) max_row_bytes: usize,
+    /// Group commit of message writes (shared by clones).
+    queue: Arc<WriteQueue<BatchWriter>>,
 }
 
 impl PostgresStore {
@@ -41,6 +47,7 @@ impl PostgresStore {
     /// Wraps an existing pool.
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
+            queue: Arc::new(WriteQueue::new(BatchWriter::new(pool.clone()))),
             pool,
             max_row_bytes: DEFAULT_MAX_ROW_BYTES,
         }
@@ -80,4 +87,9 @@ impl PostgresStore {
     }
 }
 
-message_store_impl!(PostgresStore, greatest = "GREATEST", lock = " FOR UPDATE");
+message_store_impl!(
+    PostgresStore,
+    pool = PgPool,
+    greatest = "GREATEST",
+    lock = " FOR UPDATE OF c"
+);

@@ -7,7 +7,88 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
 /// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
 /// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
 macro_rules! message_store_impl {
-    ($store:ty, greatest = $greatest:literal, lock = $lock:literal) => {
+    ($store:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal) => {
+        /// Group commit of message writes over this backend's writer pool.
+        #[derive(Debug)]
+        pub(crate) struct BatchWriter {
+            pool: $pool,
+        }
+
+        impl BatchWriter {
+            /// A batch writer on `pool`.
+            pub(crate) fn new(pool: $pool) -> Self {
+                Self { pool }
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::batch::RowWriter for BatchWriter {
+            async fn write_rows(
+                &self,
+                jobs: &[$crate::batch::Job],
+            ) -> Result<u64, chat_core::StoreError> {
+                static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+                let sql = SQL.get_or_init(|| {
+                    $crate::batch::CHUNK_SIZES
+                        .iter()
+                        .map(|&n| $crate::batch::upsert_sql(n, $lock))
+                        .collect()
+                });
+                let size = $crate::batch::padded(jobs.len());
+                let at = $crate::batch::CHUNK_SIZES
+                    .iter()
+                    .position(|&n| n == size)
+                    .ok_or_else(|| chat_core::StoreError::Invalid(format!(
+                        "batch of {} rows is over the limit", jobs.len()
+                    )))?;
+                let sql: &'static str = sql[at].as_str();
+                let mut q = sqlx::query(sql);
+                for j in jobs {
+                    q = q
+                        .bind(&j.row.id)
+                        .bind(&j.chat)
+                        .bind(j.user.as_str())
+                        .bind(j.row.role)
+                        .bind(&j.row.content)
+                        .bind(j.row.metadata.as_deref())
+                        .bind(j.row.status)
+                        .bind(j.row.finish_reason)
+                        .bind(j.row.created_at)
+                        .bind(j.row.updated_at);
+                }
+                // Padding: an empty chat id matches no chat, so these rows write nothing.
+                for _ in jobs.len()..size {
+                    q = q
+                        .bind("")
+                        .bind("")
+                        .bind("")
+                        .bind("user")
+                        .bind("")
+                        .bind(None::<&str>)
+                        .bind("complete")
+                        .bind(None::<&str>)
+                        .bind(0_i64)
+                        .bind(0_i64);
+                }
+                let done = q.execute(&self.pool).await.map_err($crate::error::map)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn owns(
+                &self,
+                user: &chat_core::UserId,
+                chat: &str,
+            ) -> Result<bool, chat_core::StoreError> {
+                let row = sqlx::query("SELECT 1 AS one FROM chats WHERE id = $1 AND user_id = $2")
+                    .bind(chat)
+                    .bind(user.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err($crate::error::map)?;
+                Ok(row.is_some())
+            }
+        }
+
         #[async_trait::async_trait]
         impl chat_core::MessageStore for $store {
             async fn create_chat(
@@ -232,13 +313,13 @@ macro_rules! message_store_impl {
         }
 
         impl $store {
-            /// Insert-or-replace-in-place plus chat touch (and fence check), in one transaction.
-            ///
-            /// Two statements (the writer's round trips are what limit a
-            /// busy server): the chat row is checked, touched and hands out a
-            /// sequence number at once, then one upsert writes the message. An
-            /// update in place keeps its seq and created_at, so the number
-            /// handed out is left unused (seq only orders, gaps are fine).
+            /// Insert-or-replace-in-place of a message, scoped by user. An
+            /// unfenced write goes through the group-commit queue (one
+            /// multi-row statement for whatever is queued; see `batch`); the
+            /// `messages_*_touches_chat` triggers advance the chat's sequence
+            /// and activity time in the same statement. An update in place
+            /// keeps its seq and created_at. A fenced write first raises the
+            /// chat's fence under the chat row's lock, in one transaction.
             async fn upsert(
                 &self,
                 user: &chat_core::UserId,
@@ -246,75 +327,81 @@ macro_rules! message_store_impl {
                 message: &chat_core::StoredMessage,
                 fence: Option<u64>,
             ) -> Result<(), chat_core::StoreError> {
-                use sqlx::Row as _;
                 let row = $crate::schema::encode(message, self.max_row_bytes)?;
                 let chat_id = chat.to_string();
-                let fence = fence.map(|f| i64::try_from(f).unwrap_or(i64::MAX));
-                let mut tx = self.writer().begin().await.map_err($crate::error::map)?;
-                // No row: not this user's chat, or a newer fencing token was seen.
-                let seq: Option<i64> = sqlx::query(concat!(
-                    "UPDATE chats SET next_seq = next_seq + 1, ",
-                    "updated_at = ", $greatest, "(updated_at, $3), ",
-                    "fence = ", $greatest, "(fence, $4) ",
-                    "WHERE id = $1 AND user_id = $2 AND fence <= $5 RETURNING next_seq"
-                ))
-                .bind(&chat_id)
-                .bind(user.as_str())
-                .bind(row.updated_at)
-                .bind(fence.unwrap_or(0))
-                .bind(fence.unwrap_or(i64::MAX))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err($crate::error::map)?
-                .map(|r| r.try_get("next_seq"))
-                .transpose()
-                .map_err($crate::error::map)?;
-                let Some(seq) = seq else {
-                    // The error path only: tell a stale fence from a missing chat.
-                    let owned = sqlx::query("SELECT 1 AS one FROM chats WHERE id = $1 AND user_id = $2")
-                        .bind(&chat_id)
-                        .bind(user.as_str())
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err($crate::error::map)?;
-                    return Err(if owned.is_some() {
-                        chat_core::StoreError::Fenced
-                    } else {
-                        chat_core::StoreError::NotFound
-                    });
+                let Some(fence) = fence else {
+                    return self.queue.write(user, chat_id, row).await;
                 };
-                let written = sqlx::query(
+                let insert = sqlx::query(concat!(
                     "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
                      finish_reason, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     SELECT $1, c.id, c.next_seq + 1, $4, $5, $6, $7, $8, $9, $10 FROM chats c \
+                     WHERE c.id = $2 AND c.user_id = $3", $lock, " \
                      ON CONFLICT (id) DO UPDATE SET role = excluded.role, content = excluded.content, \
                      metadata = excluded.metadata, status = excluded.status, \
                      finish_reason = excluded.finish_reason, updated_at = excluded.updated_at \
-                     WHERE messages.chat_id = excluded.chat_id",
-                )
+                     WHERE messages.chat_id = excluded.chat_id"
+                ))
                 .bind(&row.id)
                 .bind(&chat_id)
-                .bind(seq)
+                .bind(user.as_str())
                 .bind(row.role)
                 .bind(&row.content)
                 .bind(row.metadata.as_deref())
                 .bind(row.status)
                 .bind(row.finish_reason)
                 .bind(row.created_at)
-                .bind(row.updated_at)
+                .bind(row.updated_at);
+                let fence = i64::try_from(fence).unwrap_or(i64::MAX);
+                let mut tx = self.writer().begin().await.map_err($crate::error::map)?;
+                // No row: not this user's chat, or a newer fencing token was seen.
+                let raised = sqlx::query(concat!(
+                    "UPDATE chats SET fence = ", $greatest, "(fence, $3) ",
+                    "WHERE id = $1 AND user_id = $2 AND fence <= $3"
+                ))
+                .bind(&chat_id)
+                .bind(user.as_str())
+                .bind(fence)
                 .execute(&mut *tx)
                 .await
                 .map_err($crate::error::map)?;
+                if raised.rows_affected() == 0 {
+                    drop(tx);
+                    return Err(match self.rejected(user, &chat_id, &row.id).await {
+                        chat_core::StoreError::Conflict(_) => chat_core::StoreError::Fenced,
+                        other => other,
+                    });
+                }
+                let written = insert.execute(&mut *tx).await.map_err($crate::error::map)?;
                 if written.rows_affected() == 0 {
-                    // The id exists in another chat: never overwrite it (the
-                    // dropped transaction rolls the chat touch back).
-                    return Err(chat_core::StoreError::Conflict(format!(
-                        "message id {} belongs to another chat",
-                        row.id
-                    )));
+                    // The dropped transaction rolls the fence raise back.
+                    drop(tx);
+                    return Err(self.rejected(user, &chat_id, &row.id).await);
                 }
                 tx.commit().await.map_err($crate::error::map)?;
                 Ok(())
+            }
+
+            /// Why a scoped message write changed nothing (the error path only):
+            /// not this user's chat, or the id belongs to another chat.
+            async fn rejected(
+                &self,
+                user: &chat_core::UserId,
+                chat_id: &str,
+                message_id: &str,
+            ) -> chat_core::StoreError {
+                let owned = sqlx::query("SELECT 1 AS one FROM chats WHERE id = $1 AND user_id = $2")
+                    .bind(chat_id)
+                    .bind(user.as_str())
+                    .fetch_optional(self.writer())
+                    .await;
+                match owned {
+                    Err(e) => $crate::error::map(e),
+                    Ok(None) => chat_core::StoreError::NotFound,
+                    Ok(Some(_)) => chat_core::StoreError::Conflict(format!(
+                        "message id {message_id} belongs to another chat"
+                    )),
+                }
             }
         }
     };

@@ -162,6 +162,112 @@ async fn many_concurrent_writers(store: Arc<dyn MessageStore>) {
     assert_eq!(total, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_group_commit_keeps_order_and_answers_each_writer() {
+    let (store, _dir, _) = common::sqlite_file().await;
+    group_commit_burst(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_commit_keeps_order_and_answers_each_writer() {
+    let Some(pg) = common::PgSchema::create().await else {
+        return;
+    };
+    group_commit_burst(Arc::new(pg.store.clone())).await;
+    pg.cleanup().await;
+}
+
+/// One burst of writes queued together (so they share batches): per chat
+/// they land in the order they were made, and the bad ones among them (a
+/// chat of another user, a missing chat, a message id of another chat) get
+/// their own error while every good one around them is stored.
+async fn group_commit_burst(store: Arc<dyn MessageStore>) {
+    let u = user("burst");
+    let other = user("other");
+    let chats: Vec<ChatId> = futures::future::join_all((0..8).map(|_| new_chat(&*store, &u))).await;
+    let foreign = new_chat(&*store, &other).await;
+    let taken = MessageId::new();
+    store
+        .upsert_message(
+            &other,
+            &foreign,
+            &stored(UiMessage::user_text(taken.clone(), "theirs"), 1),
+        )
+        .await
+        .unwrap();
+
+    enum Want {
+        Stored(ChatId, String),
+        NotFound,
+        Conflict,
+    }
+    let mut writes = Vec::new();
+    for i in 0..300usize {
+        let (chat, id, want) = match i % 25 {
+            7 => (foreign, MessageId::new(), Want::NotFound),
+            13 => (ChatId::new(), MessageId::new(), Want::NotFound),
+            19 => (chats[i % 8], taken.clone(), Want::Conflict),
+            _ => (
+                chats[i % 8],
+                MessageId::new(),
+                Want::Stored(chats[i % 8], format!("m{i}")),
+            ),
+        };
+        let msg = UiMessage::user_text(id, format!("m{i}"));
+        writes.push((chat, msg, want));
+    }
+    // Futures made and first polled in order: they queue in this order.
+    let rows: Vec<StoredMessage> = writes
+        .iter()
+        .map(|(_, m, _)| stored(m.clone(), 5))
+        .collect();
+    let results = futures::future::join_all(
+        writes
+            .iter()
+            .zip(&rows)
+            .map(|((chat, _, _), row)| store.upsert_message(&u, chat, row)),
+    )
+    .await;
+    let mut expected: std::collections::HashMap<ChatId, Vec<String>> =
+        std::collections::HashMap::new();
+    for ((_, _, want), got) in writes.iter().zip(results) {
+        match want {
+            Want::Stored(chat, text) => {
+                got.unwrap();
+                expected.entry(*chat).or_default().push(text.clone());
+            }
+            Want::NotFound => assert!(matches!(got, Err(StoreError::NotFound)), "{got:?}"),
+            Want::Conflict => assert!(matches!(got, Err(StoreError::Conflict(_))), "{got:?}"),
+        }
+    }
+    for chat in &chats {
+        let texts: Vec<String> = store
+            .load_messages(&u, chat)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.message.text())
+            .collect();
+        assert_eq!(&texts, &expected[chat], "order in chat {chat}");
+    }
+    // The other user's message was not touched by the conflicting writes.
+    let theirs = store.load_messages(&other, &foreign).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].message.text(), "theirs");
+    // Each chat's activity time moved with its messages (the trigger).
+    let page = store
+        .list_chats(
+            &u,
+            PageRequest {
+                limit: 20,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(page.chats.iter().all(|c| c.updated_at >= 5));
+}
+
 /// Another user's calls fail as NotFound and leave the owner's rows exactly
 /// as they were, checked with raw SQL rather than through the store.
 #[tokio::test]
@@ -315,6 +421,13 @@ async fn postgres_hundred_thousand_message_chat() {
     };
     let u = user("big");
     let chat = new_chat(&pg.store, &u).await;
+    // A bulk load: without the per-row trigger (it would rewrite the chat row
+    // 100k times in one transaction); next_seq is set by hand below.
+    let mut tx = pg.store.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     sqlx::query(
         "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, finish_reason, created_at, updated_at) \
          SELECT lpad(to_hex(i), 8, '0') || '-0000-4000-8000-' || lpad(to_hex(i), 12, '0'), $1, i, \
@@ -324,9 +437,10 @@ async fn postgres_hundred_thousand_message_chat() {
     )
     .bind(chat.to_string())
     .bind(BIG_CHAT)
-    .execute(pg.store.pool())
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
     sqlx::query("UPDATE chats SET next_seq = $2 WHERE id = $1")
         .bind(chat.to_string())
         .bind(BIG_CHAT)

@@ -1,0 +1,285 @@
+//! Group commit for message writes: concurrent upserts queue to one writer
+//! task, which writes whatever has queued up as ONE multi-row statement (one
+//! round trip, one commit, one WAL append or fsync) instead of one each.
+//!
+//! Order is kept per chat: a batch holds at most one write per chat and per
+//! message id, and later writes of a chat wait for the next batch, so a chat
+//! sees its writes applied in the order they were made. Each caller gets its
+//! own result: a rejected row (not the user's chat, id of another chat) is
+//! told apart on the error path, and a batch the database refuses as a whole
+//! is retried row by row so one bad write never fails the others.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use chat_core::{StoreError, UserId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::schema::MessageRow;
+
+/// Most rows in one statement (SQLite and Postgres bind limits are far above
+/// this times the 10 values of a row).
+pub(crate) const MAX_BATCH: usize = 128;
+
+/// Statement sizes: a batch is padded up to the next of these with rows that
+/// match no chat, so each connection caches a handful of prepared statements
+/// instead of one per batch size, and a batch is still one statement.
+pub(crate) const CHUNK_SIZES: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// The statement size for `rows` rows (`rows <= MAX_BATCH`).
+pub(crate) fn padded(rows: usize) -> usize {
+    CHUNK_SIZES
+        .into_iter()
+        .find(|&s| s >= rows)
+        .unwrap_or(MAX_BATCH)
+}
+
+/// One queued message write.
+pub(crate) struct Job {
+    pub user: UserId,
+    pub chat: String,
+    pub row: MessageRow,
+    reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+impl Job {
+    fn answer(&mut self, result: Result<(), StoreError>) {
+        if let Some(reply) = self.reply.take() {
+            // The caller may have gone away (a cancelled request): the write stands.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// A backend's side of group commit.
+#[async_trait]
+pub(crate) trait RowWriter: Send + Sync + 'static {
+    /// Writes `jobs` (distinct chats, distinct ids, at most `MAX_BATCH`) in
+    /// one statement of [`padded`] rows, each only into its user's chat, and
+    /// returns how many rows were written.
+    async fn write_rows(&self, jobs: &[Job]) -> Result<u64, StoreError>;
+
+    /// Whether `chat` exists and belongs to `user` (the error path only).
+    async fn owns(&self, user: &UserId, chat: &str) -> Result<bool, StoreError>;
+}
+
+/// The queue in front of the writer task, started on first use (so a store
+/// can be built outside a runtime) and shared by every clone of the store.
+pub(crate) struct WriteQueue<W: RowWriter> {
+    writer: Arc<W>,
+    sender: OnceLock<mpsc::UnboundedSender<Job>>,
+}
+
+impl<W: RowWriter> std::fmt::Debug for WriteQueue<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteQueue")
+            .field("started", &self.sender.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: RowWriter> WriteQueue<W> {
+    /// A queue writing through `writer`.
+    pub(crate) fn new(writer: W) -> Self {
+        Self {
+            writer: Arc::new(writer),
+            sender: OnceLock::new(),
+        }
+    }
+
+    /// Queues one write and waits for its own result.
+    pub(crate) async fn write(
+        &self,
+        user: &UserId,
+        chat: String,
+        row: MessageRow,
+    ) -> Result<(), StoreError> {
+        let sender = self.sender.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run(self.writer.clone(), rx));
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            user: user.clone(),
+            chat,
+            row,
+            reply: Some(reply),
+        };
+        match sender.send(job) {
+            Ok(()) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::unavailable(
+                    "the store's writer task stopped before answering",
+                ))
+            }),
+            // The task's runtime is gone (the store outlived it): write directly.
+            Err(mpsc::error::SendError(job)) => {
+                tracing::debug!("store writer task gone; writing without batching");
+                let mut jobs = [job];
+                write_chunk(&*self.writer, &mut jobs).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The writer task: takes everything queued, writes it in batches, answers
+/// each caller; ends when every sender (every store clone) is gone.
+async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut pending: VecDeque<Job> = VecDeque::new();
+    let mut chats: HashSet<String> = HashSet::new();
+    let mut ids: HashSet<String> = HashSet::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(job) => pending.push_back(job),
+                None => return,
+            }
+            // Let the writers woken with this one queue up too (no timer, no wait
+            // when nothing else is runnable).
+            tokio::task::yield_now().await;
+        }
+        while pending.len() < MAX_BATCH * 8 {
+            match rx.try_recv() {
+                Ok(job) => pending.push_back(job),
+                Err(_) => break,
+            }
+        }
+        // One write per chat and per id; the rest keep their order for the next round.
+        chats.clear();
+        ids.clear();
+        let mut batch = Vec::with_capacity(pending.len().min(MAX_BATCH));
+        let mut later = VecDeque::new();
+        for job in pending.drain(..) {
+            if batch.len() < MAX_BATCH && !chats.contains(&job.chat) && !ids.contains(&job.row.id) {
+                chats.insert(job.chat.clone());
+                ids.insert(job.row.id.clone());
+                batch.push(job);
+            } else {
+                // A chat seen here keeps all its later writes back too.
+                chats.insert(job.chat.clone());
+                ids.insert(job.row.id.clone());
+                later.push_back(job);
+            }
+        }
+        pending = later;
+        // A stable lock order across batches (Postgres locks the chat rows).
+        batch.sort_by(|a, b| a.chat.cmp(&b.chat));
+        write_chunk(&*writer, &mut batch).await;
+    }
+}
+
+/// Writes one chunk and answers its callers. A chunk that wrote fewer rows
+/// than it holds, or was refused as a whole, is written again one row at a
+/// time so each caller learns its own outcome (rewriting a row that did land
+/// changes nothing: same content, same place).
+async fn write_chunk<W: RowWriter>(writer: &W, chunk: &mut [Job]) {
+    tracing::trace!(rows = chunk.len(), "writing a batch of messages");
+    let outcome = writer.write_rows(chunk).await;
+    match outcome {
+        Ok(n) if n as usize == chunk.len() => {
+            for job in chunk.iter_mut() {
+                job.answer(Ok(()));
+            }
+        }
+        Ok(_) if chunk.len() > 1 => {
+            for job in chunk.chunks_mut(1) {
+                Box::pin(write_chunk(writer, job)).await;
+            }
+        }
+        Ok(_) => {
+            let e = rejected(writer, &chunk[0]).await;
+            chunk[0].answer(Err(e));
+        }
+        Err(e) if chunk.len() > 1 => {
+            tracing::warn!(error = %e, rows = chunk.len(),
+                "batched message write failed; retrying row by row");
+            for job in chunk.chunks_mut(1) {
+                Box::pin(write_chunk(writer, job)).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, chat_id = %chunk[0].chat, message_id = %chunk[0].row.id,
+                "message write failed");
+            chunk[0].answer(Err(e));
+        }
+    }
+}
+
+/// Why a scoped write changed nothing: not this user's chat, or the id
+/// belongs to another chat.
+async fn rejected<W: RowWriter>(writer: &W, job: &Job) -> StoreError {
+    match writer.owns(&job.user, &job.chat).await {
+        Err(e) => e,
+        Ok(false) => StoreError::NotFound,
+        Ok(true) => {
+            StoreError::Conflict(format!("message id {} belongs to another chat", job.row.id))
+        }
+    }
+}
+
+/// The multi-row upsert for `rows` rows: each row goes into its chat only if
+/// the chat belongs to the row's user, at the chat's next sequence number, or
+/// replaces the message in place when its id is already in that chat.
+/// `lock` is the backend's row-lock clause.
+pub(crate) fn upsert_sql(rows: usize, lock: &str) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::from(
+        "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
+         finish_reason, created_at, updated_at) \
+         SELECT v.column1, c.id, c.next_seq + 1, v.column4, v.column5, v.column6, v.column7, \
+         v.column8, v.column9, v.column10 FROM (VALUES ",
+    );
+    for r in 0..rows {
+        let b = r * 10;
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        let _ = write!(
+            sql,
+            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7,
+            b + 8,
+            b + 9,
+            b + 10
+        );
+    }
+    let _ = write!(
+        sql,
+        ") AS v JOIN chats c ON c.id = v.column2 AND c.user_id = v.column3 WHERE true{lock} \
+         ON CONFLICT (id) DO UPDATE SET role = excluded.role, content = excluded.content, \
+         metadata = excluded.metadata, status = excluded.status, \
+         finish_reason = excluded.finish_reason, updated_at = excluded.updated_at \
+         WHERE messages.chat_id = excluded.chat_id"
+    );
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_pad_to_few_statement_sizes() {
+        assert_eq!(padded(1), 1);
+        assert_eq!(padded(3), 4);
+        assert_eq!(padded(64), 64);
+        assert_eq!(padded(65), 128);
+        assert_eq!(padded(MAX_BATCH), MAX_BATCH);
+    }
+
+    #[test]
+    fn upsert_sql_numbers_every_row() {
+        let sql = upsert_sql(3, "");
+        assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10), ($11,"));
+        assert!(sql.contains("$30)"));
+        assert!(!sql.contains("$31"));
+    }
+}
