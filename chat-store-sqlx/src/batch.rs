@@ -223,7 +223,12 @@ async fn rejected<W: RowWriter>(writer: &W, job: &Job) -> StoreError {
 /// the chat belongs to the row's user, at the chat's next sequence number, or
 /// replaces the message in place when its id is already in that chat.
 /// `lock` is the backend's row-lock clause.
-pub(crate) fn upsert_sql(rows: usize, lock: &str) -> String {
+///
+/// With `numbered` the parameters are `$1, $2, ..` (Postgres); without, plain
+/// `?` in order (SQLite: sqlx looks every named parameter up by index, and
+/// SQLite's lookup walks a list, which is quadratic in a 1,280-parameter
+/// statement).
+pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool) -> String {
     use std::fmt::Write as _;
     let mut sql = String::from(
         "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
@@ -232,24 +237,21 @@ pub(crate) fn upsert_sql(rows: usize, lock: &str) -> String {
          v.column8, v.column9, v.column10 FROM (VALUES ",
     );
     for r in 0..rows {
-        let b = r * 10;
         if r > 0 {
             sql.push_str(", ");
         }
-        let _ = write!(
-            sql,
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7,
-            b + 8,
-            b + 9,
-            b + 10
-        );
+        sql.push('(');
+        for c in 1..=10 {
+            if c > 1 {
+                sql.push_str(", ");
+            }
+            if numbered {
+                let _ = write!(sql, "${}", r * 10 + c);
+            } else {
+                sql.push('?');
+            }
+        }
+        sql.push(')');
     }
     let _ = write!(
         sql,
@@ -277,9 +279,12 @@ mod tests {
 
     #[test]
     fn upsert_sql_numbers_every_row() {
-        let sql = upsert_sql(3, "");
+        let sql = upsert_sql(3, "", true);
         assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10), ($11,"));
         assert!(sql.contains("$30)"));
         assert!(!sql.contains("$31"));
+        let sql = upsert_sql(3, "", false);
+        assert_eq!(sql.matches('?').count(), 30);
+        assert!(!sql.contains('$'));
     }
 }

@@ -91,5 +91,6 @@ message_store_impl!(
     PostgresStore,
     pool = PgPool,
     greatest = "GREATEST",
-    lock = " FOR UPDATE OF c"
+    lock = " FOR UPDATE OF c",
+    numbered = true
 );

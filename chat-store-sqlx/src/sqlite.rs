@@ -123,4 +123,10 @@ impl SqliteStore {
     }
 }
 
-message_store_impl!(SqliteStore, pool = SqlitePool, greatest = "MAX", lock = "");
+message_store_impl!(
+    SqliteStore,
+    pool = SqlitePool,
+    greatest = "MAX",
+    lock = "",
+    numbered = false
+);
