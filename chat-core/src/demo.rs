@@ -38,7 +38,7 @@ pub enum DemoScript {
 /// use chat_core::{DemoModel, ModelProvider, ModelRequest, ModelEvent};
 /// use futures::StreamExt;
 /// let model = DemoModel::new(2);
-/// let req = ModelRequest { system: None, messages: vec![], tools: vec![], step: 0 };
+/// let req = ModelRequest { system: None, messages: vec![].into(), tools: vec![], step: 0 };
 /// let events: Vec<_> = model.stream(req).await.unwrap().collect().await;
 /// assert_eq!(events[0].as_ref().unwrap(), &ModelEvent::TextDelta("tok0 ".into()));
 /// # });

@@ -14,8 +14,9 @@ pub struct ModelRequest {
     /// System prompt, if any.
     pub system: Option<String>,
     /// The conversation, oldest first. The last message may be the assistant
-    /// message of the running turn holding earlier steps' tool calls and results.
-    pub messages: Vec<UiMessage>,
+    /// message of the running turn holding earlier steps' tool calls and
+    /// results. Shared (a step's request does not copy the history).
+    pub messages: std::sync::Arc<[UiMessage]>,
     /// Tools the model may call.
     pub tools: Vec<ToolSpec>,
     /// Zero-based index of this step within the turn.

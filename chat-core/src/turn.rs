@@ -88,8 +88,9 @@ pub struct PreparedTurn {
     pub chat: ChatId,
     /// Id the assistant message is stored under.
     pub assistant_id: MessageId,
-    /// The conversation sent to the model, oldest first.
-    pub conversation: Vec<UiMessage>,
+    /// The conversation sent to the model, oldest first (shared with each
+    /// step's [`ModelRequest`], never copied per step).
+    pub conversation: Arc<[UiMessage]>,
     /// Creation time of the assistant message, epoch ms.
     pub created_at: i64,
     /// Fencing token every write of this turn carries (multi-instance runtimes).
@@ -260,7 +261,8 @@ impl TurnRunner {
         fence: Option<u64>,
     ) -> Result<PreparedTurn, Error> {
         let now = crate::now_ms();
-        let history = self.store.load_messages(user, &chat.id).await?;
+        // Owned: its messages move into the conversation, nothing is copied.
+        let mut history = self.store.load_messages(user, &chat.id).await?;
         let mut conversation: Vec<UiMessage> = Vec::with_capacity(history.len() + 1);
         let assistant_id;
 
@@ -286,15 +288,15 @@ impl TurnRunner {
                         )
                         .into());
                     }
-                    conversation.extend(history[..i].iter().map(|m| m.message.clone()));
                     assistant_id = history
                         .get(i + 1)
                         .filter(|m| m.message.role == Role::Assistant)
                         .map_or_else(MessageId::new, |m| m.message.id.clone());
+                    history.truncate(i);
                 } else {
-                    conversation.extend(history.iter().map(|m| m.message.clone()));
                     assistant_id = MessageId::new();
                 }
+                conversation.extend(history.into_iter().map(|m| m.message));
                 let stored = StoredMessage {
                     message: msg.clone(),
                     created_at,
@@ -328,7 +330,10 @@ impl TurnRunner {
                         .filter(|&i| i + 1 == history.len()),
                 };
                 let upto = target.unwrap_or(history.len());
-                conversation.extend(history[..upto].iter().map(|m| m.message.clone()));
+                assistant_id =
+                    target.map_or_else(MessageId::new, |i| history[i].message.id.clone());
+                history.truncate(upto);
+                conversation.extend(history.into_iter().map(|m| m.message));
                 if !conversation.iter().any(|m| m.role == Role::User) {
                     return Err(ValidationError::new(
                         "trigger",
@@ -336,8 +341,6 @@ impl TurnRunner {
                     )
                     .into());
                 }
-                assistant_id =
-                    target.map_or_else(MessageId::new, |i| history[i].message.id.clone());
             }
         }
 
@@ -354,7 +357,7 @@ impl TurnRunner {
             user: user.clone(),
             chat: chat.id,
             assistant_id,
-            conversation,
+            conversation: conversation.into(),
             created_at: now,
             fence,
         })
@@ -402,10 +405,15 @@ impl TurnRunner {
         for step in 0..self.config.max_steps {
             sink.emit(&UiChunk::StartStep);
             draft.msg.parts.push(Part::StepStart);
-            let mut messages = turn.conversation.clone();
-            if step > 0 {
-                messages.push(draft.msg.clone());
-            }
+            let messages: Arc<[UiMessage]> = if step == 0 {
+                turn.conversation.clone()
+            } else {
+                turn.conversation
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once(draft.msg.clone()))
+                    .collect()
+            };
             let request = ModelRequest {
                 system: self.config.system_prompt.clone(),
                 messages,

@@ -73,7 +73,7 @@ async fn demo_model_streams_conform() {
     };
     let request = |step| ModelRequest {
         system: None,
-        messages: vec![UiMessage::user_text(MessageId::new(), "hi")],
+        messages: vec![UiMessage::user_text(MessageId::new(), "hi")].into(),
         tools: chat_core::demo::demo_tools().specs(),
         step,
     };

@@ -429,7 +429,7 @@ pub fn request_body(model: &str, req: &ModelRequest, include_usage: bool) -> Val
     if let Some(system) = &req.system {
         messages.push(json!({"role": "system", "content": system}));
     }
-    for m in &req.messages {
+    for m in req.messages.iter() {
         match m.role {
             Role::System => messages.push(json!({"role": "system", "content": text_of(&m.parts)})),
             Role::User => messages.push(json!({"role": "user", "content": user_content(m)})),
@@ -538,7 +538,7 @@ mod tests {
         a.parts.push(Part::text("It is 3°C."));
         let req = ModelRequest {
             system: Some("sys".into()),
-            messages: vec![UiMessage::user_text(MessageId::new(), "weather?"), a],
+            messages: vec![UiMessage::user_text(MessageId::new(), "weather?"), a].into(),
             tools: vec![],
             step: 0,
         };

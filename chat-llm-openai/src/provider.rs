@@ -527,7 +527,7 @@ mod tests {
             .unwrap();
         let body = p.request_body(&ModelRequest {
             system: None,
-            messages: vec![],
+            messages: vec![].into(),
             tools: vec![],
             step: 0,
         });

@@ -336,7 +336,7 @@ fn provider(base: &str, model: &str) -> OpenAiProvider {
 fn request() -> ModelRequest {
     ModelRequest {
         system: Some("be brief".into()),
-        messages: vec![UiMessage::user_text(MessageId::new(), "hi")],
+        messages: vec![UiMessage::user_text(MessageId::new(), "hi")].into(),
         tools: vec![],
         step: 0,
     }
