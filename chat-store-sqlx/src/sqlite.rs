@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_core::StoreError;
+use sqlx::Connection as _;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 
 use crate::batch::WriteQueue;
@@ -18,12 +20,15 @@ use crate::store::{DEFAULT_MAX_ROW_BYTES, message_store_impl};
 /// Bytes of the database file mapped into memory for reads (address space, not RSS).
 const MMAP_BYTES: u64 = 256 * 1024 * 1024;
 
-/// WAL pages written before the writer copies them back into the database
-/// (SQLite's default is 1,000). Message writes touch pages all over the
-/// indexes (random ids); a longer WAL lets a checkpoint write each hot page
-/// once for many commits: ~1.3x the append rate measured here, for a WAL of
-/// up to ~32 MiB.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 8_000;
+/// WAL pages after which the writer itself checkpoints (SQLite's default is
+/// 1,000). Normally the background checkpointer has copied almost all of the
+/// WAL back by then, so this is a backstop that bounds the WAL (~64 MiB).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_000;
+
+/// How often the background checkpointer copies the WAL back into the
+/// database. Checkpointing off the writer keeps its fsync and page copies
+/// out of every write's latency (they stalled the writer for tens of ms).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// Chats and messages in SQLite.
 #[derive(Debug, Clone)]
@@ -33,6 +38,36 @@ pub struct SqliteStore {
     pub(crate) max_row_bytes: usize,
     /// Group commit of message writes (shared by clones).
     queue: Arc<WriteQueue<BatchWriter>>,
+    /// The background WAL checkpointer (file databases), stopped with the last clone.
+    checkpointer: Option<Arc<AbortOnDrop>>,
+}
+
+/// Aborts the task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`] on its
+/// own connection, without blocking the writer (`PASSIVE`). The WAL restarts
+/// from its beginning at the next write after a checkpoint that caught up.
+async fn checkpoint_loop(mut conn: SqliteConnection) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            // The writer's own autocheckpoint still bounds the WAL meanwhile.
+            tracing::warn!(error = %e, "background WAL checkpoint failed");
+        }
+    }
 }
 
 impl SqliteStore {
@@ -78,10 +113,17 @@ impl SqliteStore {
             .max(4) as u32;
         let reader = SqlitePoolOptions::new()
             .max_connections(readers)
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.clone().read_only(true))
             .await
             .map_err(crate::error::map)?;
-        Ok(Self::from_pools(reader, writer))
+        let checkpointer = SqliteConnection::connect_with(&opts)
+            .await
+            .map_err(crate::error::map)?;
+        let mut store = Self::from_pools(reader, writer);
+        store.checkpointer = Some(Arc::new(AbortOnDrop(tokio::spawn(checkpoint_loop(
+            checkpointer,
+        )))));
+        Ok(store)
     }
 
     fn from_pools(reader: SqlitePool, writer: SqlitePool) -> Self {
@@ -90,6 +132,7 @@ impl SqliteStore {
             reader,
             writer,
             max_row_bytes: DEFAULT_MAX_ROW_BYTES,
+            checkpointer: None,
         }
     }
 
@@ -108,8 +151,11 @@ impl SqliteStore {
             .map_err(StoreError::backend)
     }
 
-    /// Closes all connections.
+    /// Closes all connections (and stops the background checkpointer).
     pub async fn close(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.0.abort();
+        }
         self.reader.close().await;
         self.writer.close().await;
     }
