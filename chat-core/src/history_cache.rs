@@ -95,7 +95,8 @@ struct Entry {
     user: UserId,
     /// Identifies this fill (a write started against it must end against it).
     fill: u64,
-    messages: Arc<Vec<StoredMessage>>,
+    /// Shared with the turns that read them (a hit copies pointers only).
+    messages: Vec<Arc<StoredMessage>>,
     sizes: Vec<usize>,
     bytes: usize,
     /// Writes started against this entry and not yet ended.
@@ -154,7 +155,7 @@ impl Shard {
 /// What a lookup found.
 pub(crate) enum Lookup {
     /// The history, as the store would return it.
-    Hit(Arc<Vec<StoredMessage>>),
+    Hit(Vec<Arc<StoredMessage>>),
     /// Not cached: read the store, then [`HistoryCache::fill`] with this token
     /// (`None`: read the store but do not fill).
     Miss(Option<u64>),
@@ -242,9 +243,9 @@ impl HistoryCache {
         user: &UserId,
         chat: &ChatId,
         token: u64,
-        messages: Vec<StoredMessage>,
+        messages: Vec<Arc<StoredMessage>>,
     ) {
-        let sizes: Vec<usize> = messages.iter().map(approx_size).collect();
+        let sizes: Vec<usize> = messages.iter().map(|m| approx_size(m)).collect();
         let bytes: usize = sizes.iter().sum();
         let now = self.tick();
         let mut shard = self.shard(chat);
@@ -260,7 +261,7 @@ impl HistoryCache {
             Slot::Ready(Entry {
                 user: user.clone(),
                 fill: now,
-                messages: Arc::new(messages),
+                messages,
                 sizes,
                 bytes,
                 writes: 0,
@@ -328,19 +329,20 @@ impl HistoryCache {
         e.writes -= 1;
         match (written, size) {
             (Some(m), Some(size)) if !e.dirty => {
-                let list = Arc::make_mut(&mut e.messages);
-                if let Some(i) = list.iter().position(|x| x.message.id == m.message.id) {
+                let list = &mut e.messages;
+                // From the end: writes are to the newest messages.
+                if let Some(i) = list.iter().rposition(|x| x.message.id == m.message.id) {
                     // Replaced in place; the store keeps position and created_at.
                     let created_at = list[i].created_at;
-                    list[i] = StoredMessage {
+                    list[i] = Arc::new(StoredMessage {
                         created_at,
                         ..m.clone()
-                    };
+                    });
                     e.bytes = e.bytes - e.sizes[i] + size;
                     shard.bytes = shard.bytes - e.sizes[i] + size;
                     e.sizes[i] = size;
                 } else {
-                    list.push(m.clone());
+                    list.push(Arc::new(m.clone()));
                     e.sizes.push(size);
                     e.bytes += size;
                     shard.bytes += size;
@@ -359,7 +361,9 @@ impl HistoryCache {
     #[cfg(test)]
     pub(crate) fn peek(&self, chat: &ChatId) -> Option<Vec<StoredMessage>> {
         match self.shard(chat).map.get(chat) {
-            Some(Slot::Ready(e)) if !e.dirty => Some((*e.messages).clone()),
+            Some(Slot::Ready(e)) if !e.dirty => {
+                Some(e.messages.iter().map(|m| (**m).clone()).collect())
+            }
             _ => None,
         }
     }
@@ -455,15 +459,27 @@ impl MessageStore for CachedStore {
         user: &UserId,
         chat: &ChatId,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        let shared = self.load_history(user, chat).await?;
+        Ok(shared
+            .into_iter()
+            .map(|m| Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone()))
+            .collect())
+    }
+
+    async fn load_history(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
         match self.cache.lookup(user, chat) {
-            Lookup::Hit(list) => Ok((*list).clone()),
+            Lookup::Hit(list) => Ok(list),
             Lookup::Miss(token) => {
                 let mut guard = LoadGuard {
                     cache: &self.cache,
                     chat: *chat,
                     token,
                 };
-                let r = self.inner.load_messages(user, chat).await;
+                let r = self.inner.load_history(user, chat).await;
                 match (&r, guard.token.take()) {
                     (Ok(list), Some(t)) => self.cache.fill(user, chat, t, list.clone()),
                     (Ok(_), None) => {}
@@ -552,12 +568,12 @@ mod tests {
         let Lookup::Miss(Some(t)) = cache.lookup(u, chat) else {
             panic!("expected a fresh miss");
         };
-        cache.fill(u, chat, t, list);
+        cache.fill(u, chat, t, list.into_iter().map(Arc::new).collect());
     }
 
     fn hit(cache: &HistoryCache, u: &UserId, chat: &ChatId) -> Option<Vec<StoredMessage>> {
         match cache.lookup(u, chat) {
-            Lookup::Hit(l) => Some((*l).clone()),
+            Lookup::Hit(l) => Some(l.iter().map(|m| (**m).clone()).collect()),
             Lookup::Miss(_) => None,
         }
     }
@@ -661,7 +677,7 @@ mod tests {
         };
         let t = cache.begin_write(&u, &chat);
         cache.end_write(t, Some(&msg("b", 2)));
-        cache.fill(&u, &chat, token, vec![msg("a", 1)]);
+        cache.fill(&u, &chat, token, vec![Arc::new(msg("a", 1))]);
         assert!(cache.peek(&chat).is_none());
 
         // A write that started before a load and ends after its fill.

@@ -71,7 +71,7 @@ pub use message::{
     FinishReason, MessageMetadata, Part, Role, TextPart, TextState, ToolPart, ToolState, UiMessage,
     Usage,
 };
-pub use model::{ModelEvent, ModelProvider, ModelRequest, ModelStream};
+pub use model::{Conversation, ModelEvent, ModelProvider, ModelRequest, ModelStream};
 pub use session::{ChatSession, SendRequest, Trigger, TurnStream};
 pub use sse::{SseEncoder, UI_STREAM_HEADERS, parse_sse};
 pub use store::{

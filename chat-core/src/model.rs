@@ -1,11 +1,14 @@
 //! The model seam: a provider turns a conversation into a stream of events.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::BoxStream;
 use crate::error::ModelError;
 use crate::message::{FinishReason, UiMessage, Usage};
+use crate::store::{MessageStatus, StoredMessage};
 use crate::tool::ToolSpec;
 
 /// What one model step is asked to do.
@@ -15,12 +18,85 @@ pub struct ModelRequest {
     pub system: Option<String>,
     /// The conversation, oldest first. The last message may be the assistant
     /// message of the running turn holding earlier steps' tool calls and
-    /// results. Shared (a step's request does not copy the history).
-    pub messages: std::sync::Arc<[UiMessage]>,
+    /// results.
+    pub messages: Conversation,
     /// Tools the model may call.
     pub tools: Vec<ToolSpec>,
     /// Zero-based index of this step within the turn.
     pub step: u32,
+}
+
+/// A conversation, oldest first, shared without copying: cloning it, or
+/// handing a turn's history from the history cache to each step's request,
+/// copies pointers, not messages.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    messages: Arc<[Arc<StoredMessage>]>,
+}
+
+impl Conversation {
+    /// A conversation over already shared stored messages.
+    pub fn from_stored(messages: Vec<Arc<StoredMessage>>) -> Self {
+        Self {
+            messages: messages.into(),
+        }
+    }
+
+    /// The messages, oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &UiMessage> + ExactSizeIterator {
+        self.messages.iter().map(|m| &m.message)
+    }
+
+    /// Number of messages.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether there are no messages.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// The newest message.
+    pub fn last(&self) -> Option<&UiMessage> {
+        self.messages.last().map(|m| &m.message)
+    }
+
+    /// This conversation plus `message` at the end (the shared ones are not copied).
+    #[must_use]
+    pub fn with_message(&self, message: UiMessage) -> Self {
+        let mut all = Vec::with_capacity(self.messages.len() + 1);
+        all.extend(self.messages.iter().cloned());
+        all.push(Arc::new(unstored(message)));
+        Self::from_stored(all)
+    }
+}
+
+fn unstored(message: UiMessage) -> StoredMessage {
+    StoredMessage {
+        message,
+        created_at: 0,
+        updated_at: 0,
+        status: MessageStatus::Complete,
+    }
+}
+
+impl From<Vec<UiMessage>> for Conversation {
+    fn from(messages: Vec<UiMessage>) -> Self {
+        messages.into_iter().collect()
+    }
+}
+
+impl FromIterator<UiMessage> for Conversation {
+    fn from_iter<I: IntoIterator<Item = UiMessage>>(iter: I) -> Self {
+        Self::from_stored(iter.into_iter().map(|m| Arc::new(unstored(m))).collect())
+    }
+}
+
+impl PartialEq for Conversation {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
 }
 
 /// One event of a model step.

@@ -162,6 +162,22 @@ pub trait MessageStore: crate::MaybeSendSync + 'static {
         chat: &ChatId,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
+    /// [`load_messages`](Self::load_messages) as shared messages: a store
+    /// that keeps histories in memory hands out its own (the turn runtime
+    /// reads history this way, so a cached history is never copied).
+    async fn load_history(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+    ) -> Result<Vec<std::sync::Arc<StoredMessage>>, StoreError> {
+        Ok(self
+            .load_messages(user, chat)
+            .await?
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect())
+    }
+
     /// Inserts the message, or replaces it in place when its id exists in this
     /// chat (keeping its position and `created_at`), and moves the chat's
     /// `updated_at` to at least `message.updated_at`, atomically. An id that

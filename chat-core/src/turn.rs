@@ -17,7 +17,7 @@ use crate::message::{
     FinishReason, MessageMetadata, Part, Role, TextPart, TextState, ToolPart, ToolState, UiMessage,
     Usage,
 };
-use crate::model::{ModelEvent, ModelProvider, ModelRequest, ModelStream};
+use crate::model::{Conversation, ModelEvent, ModelProvider, ModelRequest, ModelStream};
 use crate::session::{SendRequest, Trigger};
 use crate::store::{Chat, MessageStatus, MessageStore, StoredMessage};
 use crate::title::title_from_text;
@@ -90,7 +90,7 @@ pub struct PreparedTurn {
     pub assistant_id: MessageId,
     /// The conversation sent to the model, oldest first (shared with each
     /// step's [`ModelRequest`], never copied per step).
-    pub conversation: Arc<[UiMessage]>,
+    pub conversation: Conversation,
     /// Creation time of the assistant message, epoch ms.
     pub created_at: i64,
     /// Fencing token every write of this turn carries (multi-instance runtimes).
@@ -261,9 +261,8 @@ impl TurnRunner {
         fence: Option<u64>,
     ) -> Result<PreparedTurn, Error> {
         let now = crate::now_ms();
-        // Owned: its messages move into the conversation, nothing is copied.
-        let mut history = self.store.load_messages(user, &chat.id).await?;
-        let mut conversation: Vec<UiMessage> = Vec::with_capacity(history.len() + 1);
+        // Shared with the history cache: the conversation copies no message.
+        let mut history = self.store.load_history(user, &chat.id).await?;
         let assistant_id;
 
         match request.trigger {
@@ -296,15 +295,14 @@ impl TurnRunner {
                 } else {
                     assistant_id = MessageId::new();
                 }
-                conversation.extend(history.into_iter().map(|m| m.message));
                 let stored = StoredMessage {
-                    message: msg.clone(),
+                    message: msg,
                     created_at,
                     updated_at: now,
                     status: MessageStatus::Complete,
                 };
                 self.write(user, &chat.id, &stored, fence).await?;
-                conversation.push(msg);
+                history.push(Arc::new(stored));
             }
             Trigger::RegenerateMessage => {
                 let target = match &request.message_id {
@@ -333,8 +331,7 @@ impl TurnRunner {
                 assistant_id =
                     target.map_or_else(MessageId::new, |i| history[i].message.id.clone());
                 history.truncate(upto);
-                conversation.extend(history.into_iter().map(|m| m.message));
-                if !conversation.iter().any(|m| m.role == Role::User) {
+                if !history.iter().any(|m| m.message.role == Role::User) {
                     return Err(ValidationError::new(
                         "trigger",
                         "there is no user message to answer",
@@ -345,8 +342,8 @@ impl TurnRunner {
         }
 
         if chat.title.is_none()
-            && let Some(first) = conversation.iter().find(|m| m.role == Role::User)
-            && let Some(title) = title_from_text(&first.text())
+            && let Some(first) = history.iter().find(|m| m.message.role == Role::User)
+            && let Some(title) = title_from_text(&first.message.text())
         {
             self.store
                 .set_title_if_unset(user, &chat.id, &title)
@@ -357,7 +354,7 @@ impl TurnRunner {
             user: user.clone(),
             chat: chat.id,
             assistant_id,
-            conversation: conversation.into(),
+            conversation: Conversation::from_stored(history),
             created_at: now,
             fence,
         })
@@ -405,14 +402,10 @@ impl TurnRunner {
         for step in 0..self.config.max_steps {
             sink.emit(&UiChunk::StartStep);
             draft.msg.parts.push(Part::StepStart);
-            let messages: Arc<[UiMessage]> = if step == 0 {
+            let messages = if step == 0 {
                 turn.conversation.clone()
             } else {
-                turn.conversation
-                    .iter()
-                    .cloned()
-                    .chain(std::iter::once(draft.msg.clone()))
-                    .collect()
+                turn.conversation.with_message(draft.msg.clone())
             };
             let request = ModelRequest {
                 system: self.config.system_prompt.clone(),
