@@ -180,6 +180,28 @@ fn bench(c: &mut Criterion) {
                 futures::future::join_all(writes).await;
             });
         });
+        // Checkpoints of 64 running turns at once: each rewrites its partial
+        // answer in place, and group commit batches them into one statement.
+        let drafts: Vec<StoredMessage> = many
+            .iter()
+            .map(|_| msg("partial answer so far", MessageStatus::Streaming))
+            .collect();
+        rt.block_on(async {
+            for (chat, d) in many.iter().zip(&drafts) {
+                store.upsert_message(&user, chat, d).await.unwrap();
+            }
+        });
+        g.bench_function(
+            BenchmarkId::new("checkpoint_rewrite_x64_chats", name),
+            |b| {
+                b.to_async(&rt).iter(|| async {
+                    let writes = many.iter().zip(&drafts).map(|(chat, d)| async move {
+                        store.upsert_message(author, chat, d).await.unwrap();
+                    });
+                    futures::future::join_all(writes).await;
+                });
+            },
+        );
         g.throughput(Throughput::Elements(1));
         let cp = msg("partial answer so far", MessageStatus::Streaming);
         rt.block_on(store.upsert_message(&user, &chat, &cp))
