@@ -14,6 +14,7 @@ use crate::history_cache::{CachedStore, DEFAULT_HISTORY_CACHE_BYTES, HistoryCach
 use crate::ids::{ChatId, MessageId, UserId};
 use crate::message::UiMessage;
 use crate::model::ModelProvider;
+use crate::owner_cache::{DEFAULT_OWNER_CACHE_CHATS, OwnerCache};
 use crate::session::{ChatSession, SendRequest, TurnStream};
 use crate::store::{Chat, MessageStore};
 use crate::tool::ToolSet;
@@ -32,6 +33,8 @@ struct Inner {
     /// The store itself (settled history is read from here, not the cache).
     store: Arc<dyn MessageStore>,
     cache: Option<Arc<HistoryCache>>,
+    /// Who owns which (titled) chat, so a turn skips the `get_chat` read.
+    owners: Arc<OwnerCache>,
     active: Mutex<HashMap<ChatId, Arc<ActiveTurn>>>,
 }
 
@@ -54,6 +57,13 @@ impl std::fmt::Debug for Inner {
 /// see [`with_history_cache`](Self::with_history_cache)). That needs this
 /// process to be the only writer of its chats' messages; with several
 /// instances use [`CoordinatedSessions`](crate::CoordinatedSessions).
+///
+/// The ownership check reads the chat row once and then answers from a
+/// bounded in-process cache of titled chats (owner + title); a delete drops
+/// the entry. A stale entry cannot let anyone write: every store write is
+/// scoped by user in the store itself, and a `NotFound` from it drops the
+/// entry. Another user's request is a cache miss and gets the store's
+/// `NotFound`, exactly like a missing chat.
 #[derive(Debug, Clone)]
 pub struct LocalSessions {
     inner: Arc<Inner>,
@@ -91,14 +101,24 @@ impl Inner {
         }
     }
 
+    /// Drops what is cached about `chat` (history and ownership).
     fn invalidate(&self, chat: &ChatId) {
         if let Some(c) = &self.cache {
             c.invalidate(chat);
         }
+        self.owners.invalidate(chat);
     }
 
+    /// The chat if `user` owns it, else [`Error::NotFound`]: from the
+    /// ownership cache when it is there for this user, else from the store.
     async fn owned_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, Error> {
-        Ok(self.runner.store().get_chat(user, chat).await?)
+        if let Some(c) = self.owners.get(user, chat) {
+            return Ok(c);
+        }
+        let epoch = self.owners.epoch();
+        let c = self.runner.store().get_chat(user, chat).await?;
+        self.owners.insert(&c, epoch);
+        Ok(c)
     }
 }
 
@@ -132,6 +152,7 @@ impl LocalSessions {
                 runner,
                 store,
                 cache,
+                owners: Arc::new(OwnerCache::new(DEFAULT_OWNER_CACHE_CHATS)),
                 active: Mutex::new(HashMap::new()),
             }),
         }
@@ -157,6 +178,7 @@ impl LocalSessions {
                 runner: self.inner.runner.clone().with_tools(tools),
                 store: self.inner.store.clone(),
                 cache: self.inner.cache.clone(),
+                owners: self.inner.owners.clone(),
                 active: Mutex::new(HashMap::new()),
             }),
         }
@@ -235,7 +257,9 @@ impl ChatSession for LocalSessions {
         let prepared = match self.inner.runner.prepare(user, &chat, request).await {
             Ok(p) => p,
             Err(e) => {
-                if matches!(e, Error::Store(_)) {
+                // NotFound here: the chat went away after the ownership check
+                // (every write is scoped by user in the store).
+                if matches!(e, Error::Store(_) | Error::NotFound) {
                     self.inner.invalidate(chat_id);
                 }
                 return Err(e);
@@ -315,8 +339,10 @@ impl ChatSession for LocalSessions {
             turn.cancel.cancel();
             turn.buffer.closed().await;
         }
-        self.inner.runner.store().delete_chat(user, chat).await?;
-        Ok(())
+        self.inner.owners.invalidate(chat);
+        let r = self.inner.runner.store().delete_chat(user, chat).await;
+        self.inner.owners.invalidate(chat);
+        Ok(r?)
     }
 }
 
@@ -339,6 +365,7 @@ mod tests {
         inner: InMemoryStore,
         fail: AtomicBool,
         loads: AtomicUsize,
+        chat_reads: AtomicUsize,
     }
 
     #[async_trait]
@@ -354,6 +381,7 @@ mod tests {
             self.inner.list_chats(user, page).await
         }
         async fn get_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, StoreError> {
+            self.chat_reads.fetch_add(1, Ordering::SeqCst);
             self.inner.get_chat(user, chat).await
         }
         async fn delete_chat(&self, user: &UserId, chat: &ChatId) -> Result<(), StoreError> {
@@ -601,6 +629,104 @@ mod tests {
             .await;
         assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
         f.assert_cache_matches("owner's entry untouched").await;
+    }
+
+    #[tokio::test]
+    async fn turns_read_the_chat_row_until_it_is_titled() {
+        let f = Fixture::new().await;
+        for text in ["first words", "two", "three", "four"] {
+            f.say(text).await;
+        }
+        // Turn 1 reads the untitled chat and sets the title; turn 2 reads it
+        // titled and caches it; turns 3 and 4 use the cache.
+        assert_eq!(f.store.chat_reads.load(Ordering::SeqCst), 2);
+        let chat = f.store.get_chat(&f.user, &f.chat).await.unwrap();
+        assert_eq!(chat.title.as_deref(), Some("first words"));
+        assert_eq!(f.stored().await.len(), 8);
+    }
+
+    #[tokio::test]
+    async fn another_user_is_answered_like_for_a_missing_chat_while_cached() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.say("two").await;
+        assert_eq!(f.sessions.inner.owners.len(), 1);
+        let mallory = UserId::new("mallory").unwrap();
+        let missing = ChatId::new();
+        for chat in [f.chat, missing] {
+            let m = UiMessage::user_text(MessageId::new(), "mine now");
+            let r = f
+                .sessions
+                .send(&mallory, &chat, SendRequest::submit(m))
+                .await;
+            assert!(matches!(r, Err(Error::NotFound)), "send {r:?}");
+            let r = f.sessions.resume(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "resume {r:?}");
+            let r = f.sessions.stop(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "stop {r:?}");
+            let r = f.sessions.history(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "history {r:?}");
+            let r = f.sessions.delete(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "delete {r:?}");
+        }
+        // Nothing of mallory's reached alice's chat, which still works.
+        assert_eq!(f.stored().await.len(), 4);
+        f.say("three").await;
+        assert_eq!(f.stored().await.len(), 6);
+        let history = f.sessions.history(&f.user, &f.chat).await.unwrap();
+        assert_eq!(history[4].text(), "three");
+    }
+
+    #[tokio::test]
+    async fn delete_then_send_is_not_found() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.say("two").await;
+        assert_eq!(f.sessions.inner.owners.len(), 1);
+        f.sessions.delete(&f.user, &f.chat).await.unwrap();
+        assert_eq!(f.sessions.inner.owners.len(), 0);
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "three",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        let r = f.sessions.resume(&f.user, &f.chat).await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        let r = f.store.load_messages(&f.user, &f.chat).await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stale_ownership_entry_cannot_write() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.say("two").await;
+        assert_eq!(f.sessions.inner.owners.len(), 1);
+        // Deleted behind the runtime's back: its caches still hold the chat.
+        f.store.inner.delete_chat(&f.user, &f.chat).await.unwrap();
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "three",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        assert_eq!(f.sessions.inner.owners.len(), 0);
+        assert!(f.cached().is_none());
+        let r = f.store.load_messages(&f.user, &f.chat).await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+        // And the next attempt reads the store again.
+        let reads = f.store.chat_reads.load(Ordering::SeqCst);
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "four",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        assert_eq!(f.store.chat_reads.load(Ordering::SeqCst), reads + 1);
     }
 
     #[tokio::test]
