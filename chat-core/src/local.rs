@@ -357,7 +357,7 @@ mod tests {
     use crate::error::StoreError;
     use crate::memory::InMemoryStore;
     use crate::message::FinishReason;
-    use crate::store::{ChatPage, NewChat, PageRequest, StoredMessage};
+    use crate::store::{ChatPage, MessageStatus, NewChat, PageRequest, StoredMessage};
 
     /// An [`InMemoryStore`] whose message writes fail while `fail` is set.
     #[derive(Default)]
@@ -727,6 +727,239 @@ mod tests {
             .await;
         assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
         assert_eq!(f.store.chat_reads.load(Ordering::SeqCst), reads + 1);
+    }
+
+    /// An [`InMemoryStore`] whose checkpoint writes (status `streaming`)
+    /// wait while `gate` is closed (and then `slow`, if set); it records the
+    /// writes in the order they reach the store and the most in flight at once.
+    struct SlowCheckpoints {
+        inner: InMemoryStore,
+        gate: tokio::sync::watch::Sender<bool>,
+        slow: Option<Duration>,
+        started: AtomicUsize,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+        log: Mutex<Vec<(MessageId, MessageStatus, String)>>,
+    }
+
+    impl SlowCheckpoints {
+        fn new(open: bool, slow: Option<Duration>) -> Self {
+            Self {
+                inner: InMemoryStore::new(),
+                gate: tokio::sync::watch::Sender::new(open),
+                slow,
+                started: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+                log: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl MessageStore for SlowCheckpoints {
+        async fn create_chat(&self, user: &UserId, chat: NewChat) -> Result<Chat, StoreError> {
+            self.inner.create_chat(user, chat).await
+        }
+        async fn list_chats(
+            &self,
+            user: &UserId,
+            page: PageRequest,
+        ) -> Result<ChatPage, StoreError> {
+            self.inner.list_chats(user, page).await
+        }
+        async fn get_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, StoreError> {
+            self.inner.get_chat(user, chat).await
+        }
+        async fn delete_chat(&self, user: &UserId, chat: &ChatId) -> Result<(), StoreError> {
+            self.inner.delete_chat(user, chat).await
+        }
+        async fn load_messages(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+        ) -> Result<Vec<StoredMessage>, StoreError> {
+            self.inner.load_messages(user, chat).await
+        }
+        async fn upsert_message(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+            message: &StoredMessage,
+        ) -> Result<(), StoreError> {
+            let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(n, Ordering::SeqCst);
+            if message.status == MessageStatus::Streaming {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                let mut open = self.gate.subscribe();
+                open.wait_for(|o| *o).await.unwrap();
+                if let Some(d) = self.slow {
+                    tokio::time::sleep(d).await;
+                }
+            }
+            let r = self.inner.upsert_message(user, chat, message).await;
+            self.log.lock().unwrap().push((
+                message.message.id.clone(),
+                message.status,
+                message.message.text(),
+            ));
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+        async fn set_title_if_unset(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+            title: &str,
+        ) -> Result<bool, StoreError> {
+            self.inner.set_title_if_unset(user, chat, title).await
+        }
+        async fn touch(&self, user: &UserId, chat: &ChatId, at: i64) -> Result<(), StoreError> {
+            self.inner.touch(user, chat, at).await
+        }
+    }
+
+    async fn slow_fixture(
+        store: &Arc<SlowCheckpoints>,
+        model: DemoModel,
+    ) -> (LocalSessions, UserId, ChatId) {
+        let config = TurnConfig {
+            checkpoint_every_events: 1,
+            ..TurnConfig::default()
+        };
+        let sessions = LocalSessions::new(store.clone(), Arc::new(model), config);
+        let user = UserId::new("alice").unwrap();
+        let chat = store
+            .create_chat(
+                &user,
+                NewChat {
+                    id: ChatId::new(),
+                    title: None,
+                    created_at: crate::now_ms(),
+                },
+            )
+            .await
+            .unwrap()
+            .id;
+        (sessions, user, chat)
+    }
+
+    fn expected_text(tokens: u32) -> String {
+        (0..tokens).map(|i| format!("tok{i} ")).collect()
+    }
+
+    #[tokio::test]
+    async fn tokens_keep_flowing_while_a_checkpoint_write_is_stuck() {
+        let store = Arc::new(SlowCheckpoints::new(false, None));
+        let (sessions, user, chat) = slow_fixture(&store, DemoModel::new(20)).await;
+        let m = UiMessage::user_text(MessageId::new(), "hi");
+        let turn = sessions
+            .send(&user, &chat, SendRequest::submit(m))
+            .await
+            .unwrap();
+        let mut frames = turn.frames;
+        // Every token arrives while the first checkpoint write cannot finish.
+        let mut deltas = 0;
+        while deltas < 20 {
+            let f = frames.next().await.expect("stream ended early");
+            if f.windows(12).any(|w| w == b"\"text-delta\"") {
+                deltas += 1;
+            }
+        }
+        // One write in flight; the checkpoints due meanwhile were coalesced.
+        assert_eq!(store.started.load(Ordering::SeqCst), 1);
+        assert_eq!(sessions.history(&user, &chat).await.unwrap().len(), 1);
+        store.gate.send_replace(true);
+        let rest: Vec<_> = frames.collect().await;
+        assert_eq!(&rest.last().unwrap()[..], crate::sse::DONE_FRAME);
+        let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[1].status, MessageStatus::Complete);
+        assert_eq!(stored[1].message.text(), expected_text(20));
+        assert!(store.started.load(Ordering::SeqCst) <= 2);
+        assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_final_write_comes_after_every_checkpoint_and_wins() {
+        // Checkpoints take longer than a token: they pile up unless coalesced,
+        // and a late one would overwrite the final message.
+        let store = Arc::new(SlowCheckpoints::new(true, Some(Duration::from_millis(35))));
+        let model = DemoModel::new(30).with_delay(Duration::from_millis(10));
+        let (sessions, user, chat) = slow_fixture(&store, model).await;
+        for round in 0..3 {
+            let m = UiMessage::user_text(MessageId::new(), format!("round {round}"));
+            let turn = sessions
+                .send(&user, &chat, SendRequest::submit(m))
+                .await
+                .unwrap();
+            let id = turn.message_id.clone();
+            turn.frames.collect::<Vec<_>>().await;
+            let log = store.log.lock().unwrap().clone();
+            let mine: Vec<_> = log.iter().filter(|(m, _, _)| *m == id).collect();
+            let (last_status, last_text) = mine.last().map(|(_, s, t)| (*s, t.clone())).unwrap();
+            assert_eq!(last_status, MessageStatus::Complete, "round {round}");
+            assert_eq!(last_text, expected_text(30), "round {round}");
+            assert_eq!(
+                mine.iter()
+                    .filter(|(_, s, _)| *s == MessageStatus::Complete)
+                    .count(),
+                1
+            );
+            // Some checkpoints were written, far fewer than one per token.
+            let checkpoints = mine.len() - 1;
+            assert!((1..30).contains(&checkpoints), "{checkpoints} checkpoints");
+            let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+            let answer = stored.last().unwrap();
+            assert_eq!(answer.message.id, id);
+            assert_eq!(answer.status, MessageStatus::Complete);
+            assert_eq!(answer.message.text(), expected_text(30));
+        }
+        assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn stopping_during_a_stuck_checkpoint_still_stores_the_partial_answer_last() {
+        let store = Arc::new(SlowCheckpoints::new(false, None));
+        let model = DemoModel::new(1000).with_delay(Duration::from_millis(1));
+        let (sessions, user, chat) = slow_fixture(&store, model).await;
+        let m = UiMessage::user_text(MessageId::new(), "hi");
+        let turn = sessions
+            .send(&user, &chat, SendRequest::submit(m))
+            .await
+            .unwrap();
+        let mut frames = turn.frames;
+        let mut deltas = 0;
+        while deltas < 3 {
+            let f = frames.next().await.expect("stream ended early");
+            if f.windows(12).any(|w| w == b"\"text-delta\"") {
+                deltas += 1;
+            }
+        }
+        let stopper = {
+            let (sessions, user) = (sessions.clone(), user.clone());
+            tokio::spawn(async move { sessions.stop(&user, &chat).await })
+        };
+        // The stop waits for the stuck checkpoint, then the final write.
+        while store.started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        store.gate.send_replace(true);
+        assert!(stopper.await.unwrap().unwrap());
+        frames.collect::<Vec<_>>().await;
+        let log = store.log.lock().unwrap().clone();
+        assert_eq!(log.last().unwrap().1, MessageStatus::Complete);
+        let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+        assert_eq!(stored[1].status, MessageStatus::Complete);
+        assert_eq!(
+            stored[1]
+                .message
+                .metadata
+                .as_ref()
+                .and_then(|m| m.finish_reason),
+            Some(FinishReason::Abort)
+        );
+        assert!(stored[1].message.text().starts_with("tok0 tok1 tok2 "));
     }
 
     #[tokio::test]
