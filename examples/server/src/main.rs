@@ -19,6 +19,10 @@ use tracing_subscriber::EnvFilter;
 
 mod coordination;
 
+/// jemalloc instead of glibc malloc: fewer CPU ms per stream (see Cargo.toml).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The built-in chat page (plain HTML + JS, no build step).
 const INDEX_HTML: &str = include_str!("../static/index.html");
 
