@@ -44,6 +44,8 @@ pub mod local;
 pub mod memory;
 pub mod message;
 pub mod model;
+#[cfg(not(target_arch = "wasm32"))]
+mod owner_cache;
 pub mod session;
 pub mod sse;
 pub mod store;

@@ -14,6 +14,7 @@ use crate::history_cache::{CachedStore, DEFAULT_HISTORY_CACHE_BYTES, HistoryCach
 use crate::ids::{ChatId, MessageId, UserId};
 use crate::message::UiMessage;
 use crate::model::ModelProvider;
+use crate::owner_cache::{DEFAULT_OWNER_CACHE_CHATS, OwnerCache};
 use crate::session::{ChatSession, SendRequest, TurnStream};
 use crate::store::{Chat, MessageStore};
 use crate::tool::ToolSet;
@@ -32,6 +33,8 @@ struct Inner {
     /// The store itself (settled history is read from here, not the cache).
     store: Arc<dyn MessageStore>,
     cache: Option<Arc<HistoryCache>>,
+    /// Who owns which (titled) chat, so a turn skips the `get_chat` read.
+    owners: Arc<OwnerCache>,
     active: Mutex<HashMap<ChatId, Arc<ActiveTurn>>>,
 }
 
@@ -54,6 +57,13 @@ impl std::fmt::Debug for Inner {
 /// see [`with_history_cache`](Self::with_history_cache)). That needs this
 /// process to be the only writer of its chats' messages; with several
 /// instances use [`CoordinatedSessions`](crate::CoordinatedSessions).
+///
+/// The ownership check reads the chat row once and then answers from a
+/// bounded in-process cache of titled chats (owner + title); a delete drops
+/// the entry. A stale entry cannot let anyone write: every store write is
+/// scoped by user in the store itself, and a `NotFound` from it drops the
+/// entry. Another user's request is a cache miss and gets the store's
+/// `NotFound`, exactly like a missing chat.
 #[derive(Debug, Clone)]
 pub struct LocalSessions {
     inner: Arc<Inner>,
@@ -91,14 +101,24 @@ impl Inner {
         }
     }
 
+    /// Drops what is cached about `chat` (history and ownership).
     fn invalidate(&self, chat: &ChatId) {
         if let Some(c) = &self.cache {
             c.invalidate(chat);
         }
+        self.owners.invalidate(chat);
     }
 
+    /// The chat if `user` owns it, else [`Error::NotFound`]: from the
+    /// ownership cache when it is there for this user, else from the store.
     async fn owned_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, Error> {
-        Ok(self.runner.store().get_chat(user, chat).await?)
+        if let Some(c) = self.owners.get(user, chat) {
+            return Ok(c);
+        }
+        let epoch = self.owners.epoch();
+        let c = self.runner.store().get_chat(user, chat).await?;
+        self.owners.insert(&c, epoch);
+        Ok(c)
     }
 }
 
@@ -132,6 +152,7 @@ impl LocalSessions {
                 runner,
                 store,
                 cache,
+                owners: Arc::new(OwnerCache::new(DEFAULT_OWNER_CACHE_CHATS)),
                 active: Mutex::new(HashMap::new()),
             }),
         }
@@ -157,6 +178,7 @@ impl LocalSessions {
                 runner: self.inner.runner.clone().with_tools(tools),
                 store: self.inner.store.clone(),
                 cache: self.inner.cache.clone(),
+                owners: self.inner.owners.clone(),
                 active: Mutex::new(HashMap::new()),
             }),
         }
@@ -235,7 +257,9 @@ impl ChatSession for LocalSessions {
         let prepared = match self.inner.runner.prepare(user, &chat, request).await {
             Ok(p) => p,
             Err(e) => {
-                if matches!(e, Error::Store(_)) {
+                // NotFound here: the chat went away after the ownership check
+                // (every write is scoped by user in the store).
+                if matches!(e, Error::Store(_) | Error::NotFound) {
                     self.inner.invalidate(chat_id);
                 }
                 return Err(e);
@@ -315,8 +339,10 @@ impl ChatSession for LocalSessions {
             turn.cancel.cancel();
             turn.buffer.closed().await;
         }
-        self.inner.runner.store().delete_chat(user, chat).await?;
-        Ok(())
+        self.inner.owners.invalidate(chat);
+        let r = self.inner.runner.store().delete_chat(user, chat).await;
+        self.inner.owners.invalidate(chat);
+        Ok(r?)
     }
 }
 
@@ -331,7 +357,7 @@ mod tests {
     use crate::error::StoreError;
     use crate::memory::InMemoryStore;
     use crate::message::FinishReason;
-    use crate::store::{ChatPage, NewChat, PageRequest, StoredMessage};
+    use crate::store::{ChatPage, MessageStatus, NewChat, PageRequest, StoredMessage};
 
     /// An [`InMemoryStore`] whose message writes fail while `fail` is set.
     #[derive(Default)]
@@ -339,6 +365,7 @@ mod tests {
         inner: InMemoryStore,
         fail: AtomicBool,
         loads: AtomicUsize,
+        chat_reads: AtomicUsize,
     }
 
     #[async_trait]
@@ -354,6 +381,7 @@ mod tests {
             self.inner.list_chats(user, page).await
         }
         async fn get_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, StoreError> {
+            self.chat_reads.fetch_add(1, Ordering::SeqCst);
             self.inner.get_chat(user, chat).await
         }
         async fn delete_chat(&self, user: &UserId, chat: &ChatId) -> Result<(), StoreError> {
@@ -601,6 +629,337 @@ mod tests {
             .await;
         assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
         f.assert_cache_matches("owner's entry untouched").await;
+    }
+
+    #[tokio::test]
+    async fn turns_read_the_chat_row_until_it_is_titled() {
+        let f = Fixture::new().await;
+        for text in ["first words", "two", "three", "four"] {
+            f.say(text).await;
+        }
+        // Turn 1 reads the untitled chat and sets the title; turn 2 reads it
+        // titled and caches it; turns 3 and 4 use the cache.
+        assert_eq!(f.store.chat_reads.load(Ordering::SeqCst), 2);
+        let chat = f.store.get_chat(&f.user, &f.chat).await.unwrap();
+        assert_eq!(chat.title.as_deref(), Some("first words"));
+        assert_eq!(f.stored().await.len(), 8);
+    }
+
+    #[tokio::test]
+    async fn another_user_is_answered_like_for_a_missing_chat_while_cached() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.say("two").await;
+        assert_eq!(f.sessions.inner.owners.len(), 1);
+        let mallory = UserId::new("mallory").unwrap();
+        let missing = ChatId::new();
+        for chat in [f.chat, missing] {
+            let m = UiMessage::user_text(MessageId::new(), "mine now");
+            let r = f
+                .sessions
+                .send(&mallory, &chat, SendRequest::submit(m))
+                .await;
+            assert!(matches!(r, Err(Error::NotFound)), "send {r:?}");
+            let r = f.sessions.resume(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "resume {r:?}");
+            let r = f.sessions.stop(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "stop {r:?}");
+            let r = f.sessions.history(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "history {r:?}");
+            let r = f.sessions.delete(&mallory, &chat).await;
+            assert!(matches!(r, Err(Error::NotFound)), "delete {r:?}");
+        }
+        // Nothing of mallory's reached alice's chat, which still works.
+        assert_eq!(f.stored().await.len(), 4);
+        f.say("three").await;
+        assert_eq!(f.stored().await.len(), 6);
+        let history = f.sessions.history(&f.user, &f.chat).await.unwrap();
+        assert_eq!(history[4].text(), "three");
+    }
+
+    #[tokio::test]
+    async fn delete_then_send_is_not_found() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.say("two").await;
+        assert_eq!(f.sessions.inner.owners.len(), 1);
+        f.sessions.delete(&f.user, &f.chat).await.unwrap();
+        assert_eq!(f.sessions.inner.owners.len(), 0);
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "three",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        let r = f.sessions.resume(&f.user, &f.chat).await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        let r = f.store.load_messages(&f.user, &f.chat).await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stale_ownership_entry_cannot_write() {
+        let f = Fixture::new().await;
+        f.say("one").await;
+        f.say("two").await;
+        assert_eq!(f.sessions.inner.owners.len(), 1);
+        // Deleted behind the runtime's back: its caches still hold the chat.
+        f.store.inner.delete_chat(&f.user, &f.chat).await.unwrap();
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "three",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        assert_eq!(f.sessions.inner.owners.len(), 0);
+        assert!(f.cached().is_none());
+        let r = f.store.load_messages(&f.user, &f.chat).await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+        // And the next attempt reads the store again.
+        let reads = f.store.chat_reads.load(Ordering::SeqCst);
+        let r = f
+            .run(SendRequest::submit(UiMessage::user_text(
+                MessageId::new(),
+                "four",
+            )))
+            .await;
+        assert!(matches!(r, Err(Error::NotFound)), "{r:?}");
+        assert_eq!(f.store.chat_reads.load(Ordering::SeqCst), reads + 1);
+    }
+
+    /// An [`InMemoryStore`] whose checkpoint writes (status `streaming`)
+    /// wait while `gate` is closed (and then `slow`, if set); it records the
+    /// writes in the order they reach the store and the most in flight at once.
+    struct SlowCheckpoints {
+        inner: InMemoryStore,
+        gate: tokio::sync::watch::Sender<bool>,
+        slow: Option<Duration>,
+        started: AtomicUsize,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+        log: Mutex<Vec<(MessageId, MessageStatus, String)>>,
+    }
+
+    impl SlowCheckpoints {
+        fn new(open: bool, slow: Option<Duration>) -> Self {
+            Self {
+                inner: InMemoryStore::new(),
+                gate: tokio::sync::watch::Sender::new(open),
+                slow,
+                started: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+                log: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl MessageStore for SlowCheckpoints {
+        async fn create_chat(&self, user: &UserId, chat: NewChat) -> Result<Chat, StoreError> {
+            self.inner.create_chat(user, chat).await
+        }
+        async fn list_chats(
+            &self,
+            user: &UserId,
+            page: PageRequest,
+        ) -> Result<ChatPage, StoreError> {
+            self.inner.list_chats(user, page).await
+        }
+        async fn get_chat(&self, user: &UserId, chat: &ChatId) -> Result<Chat, StoreError> {
+            self.inner.get_chat(user, chat).await
+        }
+        async fn delete_chat(&self, user: &UserId, chat: &ChatId) -> Result<(), StoreError> {
+            self.inner.delete_chat(user, chat).await
+        }
+        async fn load_messages(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+        ) -> Result<Vec<StoredMessage>, StoreError> {
+            self.inner.load_messages(user, chat).await
+        }
+        async fn upsert_message(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+            message: &StoredMessage,
+        ) -> Result<(), StoreError> {
+            let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(n, Ordering::SeqCst);
+            if message.status == MessageStatus::Streaming {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                let mut open = self.gate.subscribe();
+                open.wait_for(|o| *o).await.unwrap();
+                if let Some(d) = self.slow {
+                    tokio::time::sleep(d).await;
+                }
+            }
+            let r = self.inner.upsert_message(user, chat, message).await;
+            self.log.lock().unwrap().push((
+                message.message.id.clone(),
+                message.status,
+                message.message.text(),
+            ));
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+        async fn set_title_if_unset(
+            &self,
+            user: &UserId,
+            chat: &ChatId,
+            title: &str,
+        ) -> Result<bool, StoreError> {
+            self.inner.set_title_if_unset(user, chat, title).await
+        }
+        async fn touch(&self, user: &UserId, chat: &ChatId, at: i64) -> Result<(), StoreError> {
+            self.inner.touch(user, chat, at).await
+        }
+    }
+
+    async fn slow_fixture(
+        store: &Arc<SlowCheckpoints>,
+        model: DemoModel,
+    ) -> (LocalSessions, UserId, ChatId) {
+        let config = TurnConfig {
+            checkpoint_every_events: 1,
+            ..TurnConfig::default()
+        };
+        let sessions = LocalSessions::new(store.clone(), Arc::new(model), config);
+        let user = UserId::new("alice").unwrap();
+        let chat = store
+            .create_chat(
+                &user,
+                NewChat {
+                    id: ChatId::new(),
+                    title: None,
+                    created_at: crate::now_ms(),
+                },
+            )
+            .await
+            .unwrap()
+            .id;
+        (sessions, user, chat)
+    }
+
+    fn expected_text(tokens: u32) -> String {
+        (0..tokens).map(|i| format!("tok{i} ")).collect()
+    }
+
+    #[tokio::test]
+    async fn tokens_keep_flowing_while_a_checkpoint_write_is_stuck() {
+        let store = Arc::new(SlowCheckpoints::new(false, None));
+        let (sessions, user, chat) = slow_fixture(&store, DemoModel::new(20)).await;
+        let m = UiMessage::user_text(MessageId::new(), "hi");
+        let turn = sessions
+            .send(&user, &chat, SendRequest::submit(m))
+            .await
+            .unwrap();
+        let mut frames = turn.frames;
+        // Every token arrives while the first checkpoint write cannot finish.
+        let mut deltas = 0;
+        while deltas < 20 {
+            let f = frames.next().await.expect("stream ended early");
+            if f.windows(12).any(|w| w == b"\"text-delta\"") {
+                deltas += 1;
+            }
+        }
+        // One write in flight; the checkpoints due meanwhile were coalesced.
+        assert_eq!(store.started.load(Ordering::SeqCst), 1);
+        assert_eq!(sessions.history(&user, &chat).await.unwrap().len(), 1);
+        store.gate.send_replace(true);
+        let rest: Vec<_> = frames.collect().await;
+        assert_eq!(&rest.last().unwrap()[..], crate::sse::DONE_FRAME);
+        let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[1].status, MessageStatus::Complete);
+        assert_eq!(stored[1].message.text(), expected_text(20));
+        assert!(store.started.load(Ordering::SeqCst) <= 2);
+        assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_final_write_comes_after_every_checkpoint_and_wins() {
+        // Checkpoints take longer than a token: they pile up unless coalesced,
+        // and a late one would overwrite the final message.
+        let store = Arc::new(SlowCheckpoints::new(true, Some(Duration::from_millis(35))));
+        let model = DemoModel::new(30).with_delay(Duration::from_millis(10));
+        let (sessions, user, chat) = slow_fixture(&store, model).await;
+        for round in 0..3 {
+            let m = UiMessage::user_text(MessageId::new(), format!("round {round}"));
+            let turn = sessions
+                .send(&user, &chat, SendRequest::submit(m))
+                .await
+                .unwrap();
+            let id = turn.message_id.clone();
+            turn.frames.collect::<Vec<_>>().await;
+            let log = store.log.lock().unwrap().clone();
+            let mine: Vec<_> = log.iter().filter(|(m, _, _)| *m == id).collect();
+            let (last_status, last_text) = mine.last().map(|(_, s, t)| (*s, t.clone())).unwrap();
+            assert_eq!(last_status, MessageStatus::Complete, "round {round}");
+            assert_eq!(last_text, expected_text(30), "round {round}");
+            assert_eq!(
+                mine.iter()
+                    .filter(|(_, s, _)| *s == MessageStatus::Complete)
+                    .count(),
+                1
+            );
+            // Some checkpoints were written, far fewer than one per token.
+            let checkpoints = mine.len() - 1;
+            assert!((1..30).contains(&checkpoints), "{checkpoints} checkpoints");
+            let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+            let answer = stored.last().unwrap();
+            assert_eq!(answer.message.id, id);
+            assert_eq!(answer.status, MessageStatus::Complete);
+            assert_eq!(answer.message.text(), expected_text(30));
+        }
+        assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn stopping_during_a_stuck_checkpoint_still_stores_the_partial_answer_last() {
+        let store = Arc::new(SlowCheckpoints::new(false, None));
+        let model = DemoModel::new(1000).with_delay(Duration::from_millis(1));
+        let (sessions, user, chat) = slow_fixture(&store, model).await;
+        let m = UiMessage::user_text(MessageId::new(), "hi");
+        let turn = sessions
+            .send(&user, &chat, SendRequest::submit(m))
+            .await
+            .unwrap();
+        let mut frames = turn.frames;
+        let mut deltas = 0;
+        while deltas < 3 {
+            let f = frames.next().await.expect("stream ended early");
+            if f.windows(12).any(|w| w == b"\"text-delta\"") {
+                deltas += 1;
+            }
+        }
+        let stopper = {
+            let (sessions, user) = (sessions.clone(), user.clone());
+            tokio::spawn(async move { sessions.stop(&user, &chat).await })
+        };
+        // The stop waits for the stuck checkpoint, then the final write.
+        while store.started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        store.gate.send_replace(true);
+        assert!(stopper.await.unwrap().unwrap());
+        frames.collect::<Vec<_>>().await;
+        let log = store.log.lock().unwrap().clone();
+        assert_eq!(log.last().unwrap().1, MessageStatus::Complete);
+        let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+        assert_eq!(stored[1].status, MessageStatus::Complete);
+        assert_eq!(
+            stored[1]
+                .message
+                .metadata
+                .as_ref()
+                .and_then(|m| m.finish_reason),
+            Some(FinishReason::Abort)
+        );
+        assert!(stored[1].message.text().starts_with("tok0 tok1 tok2 "));
     }
 
     #[tokio::test]

@@ -2,7 +2,10 @@
 //! them) -> finalize, with every exit path persisting what was produced.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -35,6 +38,9 @@ pub struct TurnConfig {
     /// Most model steps per turn (tool calls run between steps). Default 10.
     pub max_steps: u32,
     /// Checkpoint the partial assistant message at most this often. Default 500 ms.
+    /// Checkpoints are written off the token path (at most one write in
+    /// flight; one falling due meanwhile replaces the pending one), and the
+    /// final write waits for the one in flight, so it always wins.
     pub checkpoint_interval: Duration,
     /// Also checkpoint after this many model events (0 = only by time). Default 0.
     pub checkpoint_every_events: u32,
@@ -197,6 +203,98 @@ impl Draft {
                     error_text: Cow::Borrowed(why),
                 });
             }
+        }
+    }
+}
+
+/// A checkpoint write in flight (`Send` natively, local on wasm32).
+#[cfg(not(target_arch = "wasm32"))]
+type CheckpointWrite<'a> = futures::future::BoxFuture<'a, ()>;
+/// A checkpoint write in flight (`Send` natively, local on wasm32).
+#[cfg(target_arch = "wasm32")]
+type CheckpointWrite<'a> = futures::future::LocalBoxFuture<'a, ()>;
+
+/// The checkpoint writes of one turn, kept off the token path: at most one
+/// write is in flight, a checkpoint that falls due meanwhile replaces the
+/// pending one (only the latest draft is worth writing), and the writes are
+/// polled alongside whatever the turn awaits (the model, a tool), so a slow
+/// store never holds back a token. [`finish`](Self::finish) waits for the
+/// write in flight and drops the pending one, so the final write always
+/// comes after every checkpoint and wins.
+struct Checkpoints<'a> {
+    runner: &'a TurnRunner,
+    turn: &'a PreparedTurn,
+    inflight: Option<CheckpointWrite<'a>>,
+    pending: Option<StoredMessage>,
+}
+
+impl<'a> Checkpoints<'a> {
+    fn new(runner: &'a TurnRunner, turn: &'a PreparedTurn) -> Self {
+        Self {
+            runner,
+            turn,
+            inflight: None,
+            pending: None,
+        }
+    }
+
+    /// Writes `msg` as a checkpoint now, or once the write in flight is done.
+    fn save(&mut self, msg: &UiMessage) {
+        let stored = StoredMessage {
+            message: msg.clone(),
+            created_at: self.turn.created_at,
+            updated_at: crate::now_ms(),
+            status: MessageStatus::Streaming,
+        };
+        if self.inflight.is_some() {
+            self.pending = Some(stored);
+        } else {
+            self.inflight = Some(self.write(stored));
+        }
+    }
+
+    fn write(&self, stored: StoredMessage) -> CheckpointWrite<'a> {
+        let (runner, turn) = (self.runner, self.turn);
+        Box::pin(async move {
+            if let Err(e) = runner
+                .write(&turn.user, &turn.chat, &stored, turn.fence)
+                .await
+            {
+                tracing::warn!(chat_id = %turn.chat, message_id = %turn.assistant_id, error = %e,
+                    "checkpoint failed; the turn continues");
+            }
+        })
+    }
+
+    /// Moves the writes along; `Ready` once none is in flight or pending.
+    fn poll_writes(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(w) = self.inflight.as_mut() else {
+                return Poll::Ready(());
+            };
+            if w.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.inflight = self.pending.take().map(|m| self.write(m));
+        }
+    }
+
+    /// Awaits `fut` while moving the checkpoint writes along.
+    async fn alongside<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = pin!(fut);
+        std::future::poll_fn(|cx| {
+            // Writes first: a model that is always ready must not starve them.
+            let _ = self.poll_writes(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Waits for the write in flight; the pending one is left to the final write.
+    async fn finish(&mut self) {
+        self.pending = None;
+        if let Some(w) = self.inflight.take() {
+            w.await;
         }
     }
 }
@@ -385,7 +483,11 @@ impl TurnRunner {
             part_seq: 0,
             usage: None,
         };
-        let end = self.steps(&turn, &mut draft, sink, cancel).await;
+        let mut checkpoints = Checkpoints::new(self, &turn);
+        let end = self
+            .steps(&turn, &mut draft, sink, cancel, &mut checkpoints)
+            .await;
+        checkpoints.finish().await;
         self.finalize(&turn, draft, end, sink).await
     }
 
@@ -395,6 +497,7 @@ impl TurnRunner {
         draft: &mut Draft,
         sink: &mut dyn ChunkSink,
         cancel: &CancellationToken,
+        checkpoints: &mut Checkpoints<'_>,
     ) -> End {
         let specs = self.config.tools.specs();
         let mut last_checkpoint = Instant::now();
@@ -413,16 +516,21 @@ impl TurnRunner {
                 tools: specs.clone(),
                 step,
             };
-            let mut stream: ModelStream =
-                match cancel.run_until_cancelled(self.model.stream(request)).await {
-                    None => return End::Aborted,
-                    Some(Err(e)) => return End::Failed(e),
-                    Some(Ok(s)) => s,
-                };
+            let mut stream: ModelStream = match checkpoints
+                .alongside(cancel.run_until_cancelled(self.model.stream(request)))
+                .await
+            {
+                None => return End::Aborted,
+                Some(Err(e)) => return End::Failed(e),
+                Some(Ok(s)) => s,
+            };
             let mut step_reason = None;
             let mut calls: Vec<(String, String, Value)> = Vec::new();
             loop {
-                let Some(next) = cancel.run_until_cancelled(stream.next()).await else {
+                let Some(next) = checkpoints
+                    .alongside(cancel.run_until_cancelled(stream.next()))
+                    .await
+                else {
                     return End::Aborted;
                 };
                 let event = match next {
@@ -555,7 +663,7 @@ impl TurnRunner {
                 let due_by_events = self.config.checkpoint_every_events > 0
                     && events_since_checkpoint >= self.config.checkpoint_every_events;
                 if due_by_events || last_checkpoint.elapsed() >= self.config.checkpoint_interval {
-                    self.checkpoint(turn, &draft.msg).await;
+                    checkpoints.save(&draft.msg);
                     last_checkpoint = Instant::now();
                     events_since_checkpoint = 0;
                 }
@@ -572,8 +680,8 @@ impl TurnRunner {
                             chat: turn.chat,
                             tool_call_id: id.clone(),
                         };
-                        match cancel
-                            .run_until_cancelled(tool.call(ctx, input.clone()))
+                        match checkpoints
+                            .alongside(cancel.run_until_cancelled(tool.call(ctx, input.clone())))
                             .await
                         {
                             None => return End::Aborted,
@@ -615,22 +723,6 @@ impl TurnRunner {
             }
         }
         End::Finished(FinishReason::ToolCalls)
-    }
-
-    async fn checkpoint(&self, turn: &PreparedTurn, msg: &UiMessage) {
-        let stored = StoredMessage {
-            message: msg.clone(),
-            created_at: turn.created_at,
-            updated_at: crate::now_ms(),
-            status: MessageStatus::Streaming,
-        };
-        if let Err(e) = self
-            .write(&turn.user, &turn.chat, &stored, turn.fence)
-            .await
-        {
-            tracing::warn!(chat_id = %turn.chat, message_id = %turn.assistant_id, error = %e,
-                "checkpoint failed; the turn continues");
-        }
     }
 
     async fn finalize(
