@@ -107,20 +107,17 @@ impl<W: RowWriter> WriteQueue<W> {
             row,
             reply: Some(reply),
         };
-        match sender.send(job) {
-            Ok(()) => answer.await.unwrap_or_else(|_| {
-                Err(StoreError::unavailable(
-                    "the store's writer task stopped before answering",
-                ))
-            }),
+        if let Err(mpsc::error::SendError(job)) = sender.send(job) {
             // The task's runtime is gone (the store outlived it): write directly.
-            Err(mpsc::error::SendError(job)) => {
-                tracing::debug!("store writer task gone; writing without batching");
-                let mut jobs = [job];
-                write_chunk(&*self.writer, &mut jobs).await;
-                Ok(())
-            }
+            tracing::debug!("store writer task gone; writing without batching");
+            let mut jobs = [job];
+            write_chunk(&*self.writer, &mut jobs).await;
         }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::unavailable(
+                "the store's writer task stopped before answering",
+            ))
+        })
     }
 }
 

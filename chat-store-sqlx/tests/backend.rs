@@ -553,3 +553,39 @@ async fn postgres_connections_killed_mid_turn_still_finalize() {
     drop(sessions);
     pg.cleanup().await;
 }
+
+/// A store used from a second runtime after the one its writer task was
+/// started on is gone: writes go straight to the database, and each caller
+/// still gets its own outcome.
+#[test]
+fn sqlite_store_outliving_its_runtime_still_writes_and_reports() {
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = rt();
+    let (store, _dir, _) = first.block_on(common::sqlite_file());
+    let u = user("rt");
+    let chat = first.block_on(new_chat(&store, &u));
+    let one = stored(UiMessage::user_text(MessageId::new(), "one"), 1);
+    first
+        .block_on(store.upsert_message(&u, &chat, &one))
+        .unwrap();
+    drop(first);
+    rt().block_on(async {
+        let two = stored(UiMessage::user_text(MessageId::new(), "two"), 2);
+        store.upsert_message(&u, &chat, &two).await.unwrap();
+        let theirs = store.upsert_message(&user("other"), &chat, &two).await;
+        assert!(matches!(theirs, Err(StoreError::NotFound)), "{theirs:?}");
+        let texts: Vec<String> = store
+            .load_messages(&u, &chat)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.message.text())
+            .collect();
+        assert_eq!(texts, ["one", "two"]);
+    });
+}
