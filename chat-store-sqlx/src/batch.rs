@@ -80,6 +80,11 @@ impl<W: RowWriter> std::fmt::Debug for WriteQueue<W> {
 }
 
 impl<W: RowWriter> WriteQueue<W> {
+    /// The backend's writer.
+    pub(crate) fn writer(&self) -> &W {
+        &self.writer
+    }
+
     /// A queue writing through `writer`.
     pub(crate) fn new(writer: W) -> Self {
         Self {
@@ -186,7 +191,8 @@ async fn write_chunk<W: RowWriter>(writer: &W, chunk: &mut [Job]) {
             }
         }
         Ok(_) => {
-            let e = rejected(writer, &chunk[0]).await;
+            let job = &chunk[0];
+            let e = rejected(writer, &job.user, &job.chat, &job.row.id).await;
             chunk[0].answer(Err(e));
         }
         Err(e) if chunk.len() > 1 => {
@@ -206,12 +212,17 @@ async fn write_chunk<W: RowWriter>(writer: &W, chunk: &mut [Job]) {
 
 /// Why a scoped write changed nothing: not this user's chat, or the id
 /// belongs to another chat.
-async fn rejected<W: RowWriter>(writer: &W, job: &Job) -> StoreError {
-    match writer.owns(&job.user, &job.chat).await {
+pub(crate) async fn rejected<W: RowWriter>(
+    writer: &W,
+    user: &UserId,
+    chat: &str,
+    message_id: &str,
+) -> StoreError {
+    match writer.owns(user, chat).await {
         Err(e) => e,
         Ok(false) => StoreError::NotFound,
         Ok(true) => {
-            StoreError::Conflict(format!("message id {} belongs to another chat", job.row.id))
+            StoreError::Conflict(format!("message id {message_id} belongs to another chat"))
         }
     }
 }

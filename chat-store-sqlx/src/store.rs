@@ -19,6 +19,19 @@ macro_rules! message_store_impl {
             pub(crate) fn new(pool: $pool) -> Self {
                 Self { pool }
             }
+
+            /// The upsert statement for `rows` rows (one of `CHUNK_SIZES`), built once.
+            fn upsert_sql(rows: usize) -> Option<&'static str> {
+                static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+                let sql = SQL.get_or_init(|| {
+                    $crate::batch::CHUNK_SIZES
+                        .iter()
+                        .map(|&n| $crate::batch::upsert_sql(n, $lock, $numbered))
+                        .collect()
+                });
+                let at = $crate::batch::CHUNK_SIZES.iter().position(|&n| n == rows)?;
+                Some(sql[at].as_str())
+            }
         }
 
         #[async_trait::async_trait]
@@ -27,21 +40,13 @@ macro_rules! message_store_impl {
                 &self,
                 jobs: &[$crate::batch::Job],
             ) -> Result<u64, chat_core::StoreError> {
-                static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-                let sql = SQL.get_or_init(|| {
-                    $crate::batch::CHUNK_SIZES
-                        .iter()
-                        .map(|&n| $crate::batch::upsert_sql(n, $lock, $numbered))
-                        .collect()
-                });
                 let size = $crate::batch::padded(jobs.len());
-                let at = $crate::batch::CHUNK_SIZES
-                    .iter()
-                    .position(|&n| n == size)
-                    .ok_or_else(|| chat_core::StoreError::Invalid(format!(
-                        "batch of {} rows is over the limit", jobs.len()
-                    )))?;
-                let sql: &'static str = sql[at].as_str();
+                let sql = BatchWriter::upsert_sql(size).ok_or_else(|| {
+                    chat_core::StoreError::Invalid(format!(
+                        "batch of {} rows is over the limit",
+                        jobs.len()
+                    ))
+                })?;
                 let mut q = sqlx::query(sql);
                 for j in jobs {
                     q = q
@@ -332,16 +337,10 @@ macro_rules! message_store_impl {
                 let Some(fence) = fence else {
                     return self.queue.write(user, chat_id, row).await;
                 };
-                let insert = sqlx::query(concat!(
-                    "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
-                     finish_reason, created_at, updated_at) \
-                     SELECT $1, c.id, c.next_seq + 1, $4, $5, $6, $7, $8, $9, $10 FROM chats c \
-                     WHERE c.id = $2 AND c.user_id = $3", $lock, " \
-                     ON CONFLICT (id) DO UPDATE SET role = excluded.role, content = excluded.content, \
-                     metadata = excluded.metadata, status = excluded.status, \
-                     finish_reason = excluded.finish_reason, updated_at = excluded.updated_at \
-                     WHERE messages.chat_id = excluded.chat_id"
-                ))
+                let one_row = BatchWriter::upsert_sql(1).ok_or_else(|| {
+                    chat_core::StoreError::Invalid("no one-row upsert statement".into())
+                })?;
+                let insert = sqlx::query(one_row)
                 .bind(&row.id)
                 .bind(&chat_id)
                 .bind(user.as_str())
@@ -382,26 +381,14 @@ macro_rules! message_store_impl {
                 Ok(())
             }
 
-            /// Why a scoped message write changed nothing (the error path only):
-            /// not this user's chat, or the id belongs to another chat.
+            /// Why a scoped message write changed nothing (the error path only).
             async fn rejected(
                 &self,
                 user: &chat_core::UserId,
                 chat_id: &str,
                 message_id: &str,
             ) -> chat_core::StoreError {
-                let owned = sqlx::query("SELECT 1 AS one FROM chats WHERE id = $1 AND user_id = $2")
-                    .bind(chat_id)
-                    .bind(user.as_str())
-                    .fetch_optional(self.writer())
-                    .await;
-                match owned {
-                    Err(e) => $crate::error::map(e),
-                    Ok(None) => chat_core::StoreError::NotFound,
-                    Ok(Some(_)) => chat_core::StoreError::Conflict(format!(
-                        "message id {message_id} belongs to another chat"
-                    )),
-                }
+                $crate::batch::rejected(self.queue.writer(), user, chat_id, message_id).await
             }
         }
     };
