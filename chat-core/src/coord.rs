@@ -204,7 +204,7 @@ impl TurnCoordinator for InProcessCoordinator {
         let map = self.lock();
         if let Some(e) = map.get(&lease.chat).filter(|e| e.token == lease.token) {
             for f in frames {
-                e.buffer.push(f.clone());
+                e.buffer.push(f);
             }
         }
         Ok(())

@@ -147,7 +147,7 @@ struct CoordSink {
 impl ChunkSink for CoordSink {
     fn emit(&mut self, chunk: &UiChunk<'_>) {
         let frame = self.encoder.encode(chunk);
-        self.buffer.push(frame.clone());
+        self.buffer.push(&frame);
         // The publisher only stops after the sink is dropped.
         let _ = self.tx.send(frame);
     }
@@ -224,7 +224,7 @@ impl CoordinatedSessions {
                 tokio::select! {
                     f = frames.next() => match f {
                         Some(f) if &f[..] == DONE_FRAME => { done = true; break; }
-                        Some(f) => buffer.push(f),
+                        Some(f) => buffer.push(&f),
                         None => break,
                     },
                     _ = tick.tick() => {
@@ -243,7 +243,7 @@ impl CoordinatedSessions {
                                     if &f[..] == DONE_FRAME {
                                         return true;
                                     }
-                                    buffer.push(f);
+                                    buffer.push(&f);
                                 }
                                 false
                             };
@@ -257,7 +257,7 @@ impl CoordinatedSessions {
             }
             if !done {
                 let mut enc = SseEncoder::new();
-                buffer.push(enc.encode(&UiChunk::Error {
+                buffer.push(&enc.encode(&UiChunk::Error {
                     error_text: MODEL_ERROR_TEXT.into(),
                 }));
             }

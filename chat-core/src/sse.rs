@@ -42,14 +42,19 @@ impl SseEncoder {
         if self.buf.capacity() < 512 {
             self.buf.reserve(4096);
         }
-        self.buf.put_slice(b"data: ");
+        Self::encode_into(&mut self.buf, chunk);
+        self.buf.split().freeze()
+    }
+
+    /// Appends one chunk's frame to `buf` (growing it if needed).
+    pub(crate) fn encode_into(buf: &mut BytesMut, chunk: &UiChunk<'_>) {
+        buf.put_slice(b"data: ");
         // Serializing our own types into memory cannot fail.
-        let mut w = (&mut self.buf).writer();
+        let mut w = buf.writer();
         if serde_json::to_writer(&mut w, chunk).is_err() {
             tracing::error!(chunk = chunk.type_name(), "chunk failed to serialize");
         }
-        self.buf.put_slice(b"\n\n");
-        self.buf.split().freeze()
+        w.into_inner().put_slice(b"\n\n");
     }
 
     /// The final `data: [DONE]` frame.

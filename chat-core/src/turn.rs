@@ -839,21 +839,17 @@ fn log_lost(turn: &PreparedTurn, e: &StoreError, attempts: u32) {
 #[derive(Debug)]
 pub struct BufferSink {
     buffer: Arc<crate::TurnBuffer>,
-    encoder: crate::SseEncoder,
 }
 
 impl BufferSink {
     /// A sink writing to `buffer`.
     pub fn new(buffer: Arc<crate::TurnBuffer>) -> Self {
-        Self {
-            buffer,
-            encoder: crate::SseEncoder::new(),
-        }
+        Self { buffer }
     }
 }
 
 impl ChunkSink for BufferSink {
     fn emit(&mut self, chunk: &UiChunk<'_>) {
-        self.buffer.push(self.encoder.encode(chunk));
+        self.buffer.push_chunk(chunk);
     }
 }

@@ -232,7 +232,12 @@ async fn send(
     Path(raw): Path<String>,
     JsonBytes(body): JsonBytes,
 ) -> Result<Response, ApiError> {
-    let turn = s.service.send(&user.0, &chat_id(&raw)?, &body).await?;
+    let chat = chat_id(&raw)?;
+    let request = crate::parse_send_body(&chat, &body)?;
+    // The body shares hyper's read buffer: held across the store write below,
+    // it made hyper allocate a second 8 KiB buffer per connection meanwhile.
+    drop(body);
+    let turn = s.service.send_parsed(&user.0, &chat, request).await?;
     Ok(stream_response(turn, s.keep_alive))
 }
 

@@ -220,6 +220,17 @@ impl ChatService {
         body: &[u8],
     ) -> Result<TurnStream, ApiError> {
         let request = parse_send_body(chat, body)?;
+        self.send_parsed(user, chat, request).await
+    }
+
+    /// [`send`](Self::send) with a body already parsed by [`parse_send_body`],
+    /// so the caller can drop the request body before the turn starts.
+    pub async fn send_parsed(
+        &self,
+        user: &UserId,
+        chat: &ChatId,
+        request: SendRequest,
+    ) -> Result<TurnStream, ApiError> {
         Ok(self.sessions.send(user, chat, request).await?)
     }
 
