@@ -10,8 +10,8 @@
 //! Locks are short-held std mutexes (one per shard), never held across an
 //! `.await`.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -19,15 +19,16 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::error::StoreError;
-use crate::ids::{ChatId, UserId};
+use crate::ids::{ChatId, MessageId, UserId};
 use crate::message::Part;
 use crate::store::{Chat, ChatPage, MessageStore, NewChat, PageRequest, StoredMessage};
 
 /// Default bound of the history cache: 32 MiB of approximate message bytes.
 pub const DEFAULT_HISTORY_CACHE_BYTES: usize = 32 << 20;
 
-/// Fixed per-message overhead (the struct, its vectors, the metadata).
-const MESSAGE_OVERHEAD: usize = 192;
+/// Fixed per-message overhead (the struct, its vectors, the metadata, its
+/// place in the id-hash set).
+const MESSAGE_OVERHEAD: usize = 208;
 
 /// Shards of a cache of at least 1 MiB (smaller caches use one shard).
 const SHARDS: usize = 16;
@@ -55,6 +56,13 @@ fn opt_len(s: Option<&String>) -> usize {
 
 /// Approximate heap bytes of a stored message: its strings and JSON values
 /// plus fixed overheads (cheap: runs on every write).
+/// The hash kept per cached message id (collisions only cost a search).
+fn id_hash(id: &MessageId) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    id.as_str().hash(&mut h);
+    h.finish()
+}
+
 fn approx_size(m: &StoredMessage) -> usize {
     let parts: usize = m
         .message
@@ -98,6 +106,9 @@ struct Entry {
     /// Shared with the turns that read them (a hit copies pointers only).
     messages: Vec<Arc<StoredMessage>>,
     sizes: Vec<usize>,
+    /// Hashes of the ids in `messages`: a write of a new id (every answer,
+    /// every user message) appends without comparing it to the whole history.
+    ids: HashSet<u64>,
     bytes: usize,
     /// Writes started against this entry and not yet ended.
     writes: u32,
@@ -247,6 +258,7 @@ impl HistoryCache {
     ) {
         let sizes: Vec<usize> = messages.iter().map(|m| approx_size(m)).collect();
         let bytes: usize = sizes.iter().sum();
+        let ids = messages.iter().map(|m| id_hash(&m.message.id)).collect();
         let now = self.tick();
         let mut shard = self.shard(chat);
         if !matches!(shard.map.get(chat), Some(Slot::Loading(t)) if *t == token) {
@@ -263,6 +275,7 @@ impl HistoryCache {
                 fill: now,
                 messages,
                 sizes,
+                ids,
                 bytes,
                 writes: 0,
                 dirty: false,
@@ -330,8 +343,15 @@ impl HistoryCache {
         match (written, size) {
             (Some(m), Some(size)) if !e.dirty => {
                 let list = &mut e.messages;
-                // From the end: writes are to the newest messages.
-                if let Some(i) = list.iter().rposition(|x| x.message.id == m.message.id) {
+                let hash = id_hash(&m.message.id);
+                // A known id is searched from the end (rewrites are of the
+                // newest messages); an unknown one is new.
+                let known = if e.ids.insert(hash) {
+                    None
+                } else {
+                    list.iter().rposition(|x| x.message.id == m.message.id)
+                };
+                if let Some(i) = known {
                     // Replaced in place; the store keeps position and created_at.
                     let created_at = list[i].created_at;
                     list[i] = Arc::new(StoredMessage {
@@ -576,6 +596,36 @@ mod tests {
             Lookup::Hit(l) => Some(l.iter().map(|m| (**m).clone()).collect()),
             Lookup::Miss(_) => None,
         }
+    }
+
+    #[test]
+    fn writes_replace_known_ids_anywhere_and_append_new_ones() {
+        let cache = HistoryCache::new(1 << 20);
+        let u = user("alice");
+        let chat = ChatId::new();
+        let list: Vec<StoredMessage> = (0..5).map(|i| msg(&format!("m{i}"), i)).collect();
+        filled(&cache, &u, &chat, list.clone());
+        // The oldest message rewritten: in place, keeping its created_at.
+        let mut old = list[0].clone();
+        old.message = UiMessage::user_text(old.message.id.clone(), "edited");
+        old.created_at = 99;
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, Some(&old));
+        // A new id: appended, and found again when rewritten.
+        let new = msg("new", 6);
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, Some(&new));
+        let mut again = new.clone();
+        again.message = UiMessage::user_text(new.message.id.clone(), "new, edited");
+        let t = cache.begin_write(&u, &chat);
+        cache.end_write(t, Some(&again));
+        let got = hit(&cache, &u, &chat).expect("still cached");
+        assert_eq!(got.len(), 6);
+        assert_eq!(got[0].message.text(), "edited");
+        assert_eq!(got[0].created_at, 0);
+        assert_eq!(got[5].message.id, new.message.id);
+        assert_eq!(got[5].message.text(), "new, edited");
+        assert_eq!(got[1..5], list[1..5]);
     }
 
     #[test]
