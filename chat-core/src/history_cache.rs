@@ -54,8 +54,6 @@ fn opt_len(s: Option<&String>) -> usize {
     s.map_or(0, String::len)
 }
 
-/// Approximate heap bytes of a stored message: its strings and JSON values
-/// plus fixed overheads (cheap: runs on every write).
 /// The hash kept per cached message id (collisions only cost a search).
 fn id_hash(id: &MessageId) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
@@ -63,6 +61,8 @@ fn id_hash(id: &MessageId) -> u64 {
     h.finish()
 }
 
+/// Approximate heap bytes of a stored message: its strings and JSON values
+/// plus fixed overheads (cheap: runs on every write).
 fn approx_size(m: &StoredMessage) -> usize {
     let parts: usize = m
         .message
