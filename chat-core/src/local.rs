@@ -2,10 +2,12 @@
 //! turn, nothing per idle chat.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::TurnBuffer;
@@ -36,6 +38,10 @@ struct Inner {
     /// Who owns which (titled) chat, so a turn skips the `get_chat` read.
     owners: Arc<OwnerCache>,
     active: Mutex<HashMap<ChatId, Arc<ActiveTurn>>>,
+    /// Admission: a permit per generating turn (`None`: unbounded).
+    admission: Option<Arc<Semaphore>>,
+    /// Turns waiting for a permit.
+    queued: AtomicUsize,
 }
 
 impl std::fmt::Debug for Inner {
@@ -43,6 +49,10 @@ impl std::fmt::Debug for Inner {
         f.debug_struct("Inner")
             .field("runner", &self.runner)
             .field("cache", &self.cache)
+            .field(
+                "max_running_turns",
+                &self.admission.as_ref().map(|_| "bounded"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -64,6 +74,12 @@ impl std::fmt::Debug for Inner {
 /// scoped by user in the store itself, and a `NotFound` from it drops the
 /// entry. Another user's request is a cache miss and gets the store's
 /// `NotFound`, exactly like a missing chat.
+///
+/// Admission control ([`with_max_running_turns`](Self::with_max_running_turns),
+/// off by default): at most N turns generate at once; a turn beyond that has
+/// its user message stored and its stream open, and waits (first come, first
+/// served) for its first token instead of slowing every running stream down.
+/// A queued turn can be stopped, resumed and deleted like a running one.
 #[derive(Debug, Clone)]
 pub struct LocalSessions {
     inner: Arc<Inner>,
@@ -99,6 +115,22 @@ impl Inner {
         if map.get(&chat).is_some_and(|t| Arc::ptr_eq(t, turn)) {
             map.remove(&chat);
         }
+    }
+
+    /// Waits for a generation permit (none needed when admission is off, or
+    /// once `cancel` fires).
+    async fn admit(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        let sem = self.admission.as_ref()?;
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let permit = cancel
+            .run_until_cancelled(sem.clone().acquire_owned())
+            .await
+            .and_then(Result::ok);
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        permit
     }
 
     /// Drops what is cached about `chat` (history and ownership).
@@ -154,6 +186,8 @@ impl LocalSessions {
                 cache,
                 owners: Arc::new(OwnerCache::new(DEFAULT_OWNER_CACHE_CHATS)),
                 active: Mutex::new(HashMap::new()),
+                admission: None,
+                queued: AtomicUsize::new(0),
             }),
         }
     }
@@ -167,21 +201,51 @@ impl LocalSessions {
             .runner
             .clone()
             .with_store(self.inner.store.clone());
-        Self::build(runner, max_bytes)
+        let mut built = Self::build(runner, max_bytes);
+        if let Some(inner) = Arc::get_mut(&mut built.inner) {
+            inner.admission.clone_from(&self.inner.admission);
+        }
+        built
+    }
+
+    /// Lets at most `max` turns generate at once (`0` is taken as 1); the
+    /// others wait in arrival order with their user message already stored.
+    /// Under overload this keeps each admitted stream at the model's own pace
+    /// (and its checkpoints few) instead of slowing every stream down.
+    /// Call before serving.
+    #[must_use]
+    pub fn with_max_running_turns(self, max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        self.rebuilt(|inner| inner.admission = Some(Arc::new(Semaphore::new(max))))
+    }
+
+    /// A copy of the settings with `change` applied, and no turn running.
+    fn rebuilt(&self, change: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = Inner {
+            runner: self.inner.runner.clone(),
+            store: self.inner.store.clone(),
+            cache: self.inner.cache.clone(),
+            owners: self.inner.owners.clone(),
+            active: Mutex::new(HashMap::new()),
+            admission: self.inner.admission.clone(),
+            queued: AtomicUsize::new(0),
+        };
+        change(&mut inner);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Turns waiting for admission now (0 without
+    /// [`with_max_running_turns`](Self::with_max_running_turns)).
+    pub fn queued(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
     }
 
     /// Adds the tools the model may call. Call before serving.
     #[must_use]
     pub fn with_tools(self, tools: ToolSet) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                runner: self.inner.runner.clone().with_tools(tools),
-                store: self.inner.store.clone(),
-                cache: self.inner.cache.clone(),
-                owners: self.inner.owners.clone(),
-                active: Mutex::new(HashMap::new()),
-            }),
-        }
+        self.rebuilt(|inner| inner.runner = inner.runner.clone().with_tools(tools))
     }
 
     /// Approximate bytes of history cached now (0 when the cache is off).
@@ -282,6 +346,9 @@ impl ChatSession for LocalSessions {
         let task_turn = turn.clone();
         let chat_key = *chat_id;
         tokio::spawn(async move {
+            // Held until the answer is stored; a stop while queued still
+            // runs the turn, which then ends at once as aborted.
+            let _permit = inner.admit(&task_turn.cancel).await;
             let mut sink = BufferSink::new(task_turn.buffer.clone());
             let outcome = inner
                 .runner
@@ -356,7 +423,7 @@ mod tests {
     use crate::demo::{DemoModel, demo_tools};
     use crate::error::StoreError;
     use crate::memory::InMemoryStore;
-    use crate::message::FinishReason;
+    use crate::message::{FinishReason, Role};
     use crate::store::{ChatPage, MessageStatus, NewChat, PageRequest, StoredMessage};
 
     /// An [`InMemoryStore`] whose message writes fail while `fail` is set.
@@ -960,6 +1027,224 @@ mod tests {
             Some(FinishReason::Abort)
         );
         assert!(stored[1].message.text().starts_with("tok0 tok1 tok2 "));
+    }
+
+    /// `n` chats of alice's in a fresh store, served with at most `max` generating turns.
+    async fn admission_fixture(
+        max: usize,
+        model: DemoModel,
+        n: usize,
+    ) -> (Arc<InMemoryStore>, LocalSessions, UserId, Vec<ChatId>) {
+        let store = Arc::new(InMemoryStore::new());
+        let sessions = LocalSessions::new(store.clone(), Arc::new(model), TurnConfig::default())
+            .with_max_running_turns(max);
+        let user = UserId::new("alice").unwrap();
+        let mut chats = Vec::new();
+        for _ in 0..n {
+            let chat = NewChat {
+                id: ChatId::new(),
+                title: None,
+                created_at: crate::now_ms(),
+            };
+            chats.push(store.create_chat(&user, chat).await.unwrap().id);
+        }
+        (store, sessions, user, chats)
+    }
+
+    /// Waits (in paused time) until `n` turns are queued.
+    async fn until_queued(sessions: &LocalSessions, n: usize) {
+        for _ in 0..1000 {
+            if sessions.queued() == n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{} queued, expected {n}", sessions.queued());
+    }
+
+    fn is_delta(frame: &[u8]) -> bool {
+        frame.windows(12).any(|w| w == b"\"text-delta\"")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turns_beyond_the_bound_wait_for_a_running_one_to_end() {
+        let model = DemoModel::new(5).with_delay(Duration::from_millis(10));
+        let (store, sessions, user, chats) = admission_fixture(1, model, 3).await;
+        let t0 = tokio::time::Instant::now();
+        let mut turns = Vec::new();
+        for (i, chat) in chats.iter().enumerate() {
+            let m = UiMessage::user_text(MessageId::new(), format!("question {i}"));
+            turns.push(
+                sessions
+                    .send(&user, chat, SendRequest::submit(m))
+                    .await
+                    .unwrap(),
+            );
+        }
+        until_queued(&sessions, 2).await;
+        assert_eq!(sessions.running(), 3);
+        // The waiting turns' user messages are stored already.
+        for chat in &chats {
+            let listed = sessions.history(&user, chat).await.unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].role, Role::User);
+        }
+        // Turn i streams its first token only after turns 0..i ended
+        // (6 model waits of 10 ms each: 5 tokens and the finish).
+        let mut ends = Vec::new();
+        for (i, turn) in turns.into_iter().enumerate() {
+            let mut frames = turn.frames;
+            let mut first_delta = None;
+            while let Some(f) = frames.next().await {
+                if first_delta.is_none() && is_delta(&f) {
+                    first_delta = Some(t0.elapsed());
+                }
+            }
+            let first = first_delta.expect("no text");
+            let expected = Duration::from_millis(60 * i as u64 + 10);
+            assert!(first >= expected, "turn {i}: first token at {first:?}");
+            ends.push(t0.elapsed());
+        }
+        assert!(ends[2] >= Duration::from_millis(180), "{ends:?}");
+        assert_eq!(sessions.queued(), 0);
+        for chat in &chats {
+            let stored = store.load_messages(&user, chat).await.unwrap();
+            assert_eq!(stored.len(), 2);
+            assert_eq!(stored[1].status, MessageStatus::Complete);
+            assert_eq!(stored[1].message.text(), expected_text(5));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_turn_can_be_stopped_and_its_answer_is_stored_as_aborted() {
+        let model = DemoModel::new(1000).with_delay(Duration::from_millis(10));
+        let (store, sessions, user, chats) = admission_fixture(1, model, 2).await;
+        let (busy, waiting) = (chats[0], chats[1]);
+        let first = sessions
+            .send(
+                &user,
+                &busy,
+                SendRequest::submit(UiMessage::user_text(MessageId::new(), "a")),
+            )
+            .await
+            .unwrap();
+        let queued = sessions
+            .send(
+                &user,
+                &waiting,
+                SendRequest::submit(UiMessage::user_text(MessageId::new(), "b")),
+            )
+            .await
+            .unwrap();
+        until_queued(&sessions, 1).await;
+        // A second send to the queued chat is busy, like for a running turn.
+        let again = sessions
+            .send(
+                &user,
+                &waiting,
+                SendRequest::submit(UiMessage::user_text(MessageId::new(), "c")),
+            )
+            .await;
+        assert!(matches!(again, Err(Error::Busy { .. })), "{again:?}");
+        assert!(sessions.resume(&user, &waiting).await.unwrap().is_some());
+        assert!(sessions.stop(&user, &waiting).await.unwrap());
+        let frames: Vec<_> = queued.frames.collect().await;
+        assert!(!frames.iter().any(|f| is_delta(f)));
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.windows(7).any(|w| w == b"\"abort\""))
+        );
+        assert_eq!(sessions.queued(), 0);
+        let stored = store.load_messages(&user, &waiting).await.unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[1].status, MessageStatus::Complete);
+        assert_eq!(
+            stored[1]
+                .message
+                .metadata
+                .as_ref()
+                .and_then(|m| m.finish_reason),
+            Some(FinishReason::Abort)
+        );
+        // The running turn was not disturbed; the slot it holds frees on its stop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(sessions.stop(&user, &busy).await.unwrap());
+        let frames: Vec<_> = first.frames.collect().await;
+        assert!(frames.iter().any(|f| is_delta(f)));
+        let m = UiMessage::user_text(MessageId::new(), "again");
+        let next = sessions
+            .send(&user, &waiting, SendRequest::submit(m))
+            .await
+            .unwrap();
+        let mut frames = next.frames;
+        let mut deltas = 0;
+        while deltas < 3 {
+            if is_delta(&frames.next().await.unwrap()) {
+                deltas += 1;
+            }
+        }
+        assert_eq!(sessions.queued(), 0);
+        sessions.shutdown(Duration::ZERO).await;
+    }
+
+    #[tokio::test]
+    async fn admission_survives_adding_tools_and_resizing_the_cache() {
+        let store = Arc::new(InMemoryStore::new());
+        let sessions =
+            LocalSessions::new(store, Arc::new(DemoModel::new(2)), TurnConfig::default())
+                .with_max_running_turns(0)
+                .with_tools(demo_tools())
+                .with_history_cache(1 << 20);
+        let sem = sessions.inner.admission.as_ref().expect("admission kept");
+        assert_eq!(sem.available_permits(), 1);
+        assert!(!sessions.inner.runner.config().tools.specs().is_empty());
+    }
+
+    /// Checkpoints written for one 64-token answer whose tokens come `delay` apart.
+    async fn checkpoints_of_one_answer(delay: Duration, tokens: u32) -> usize {
+        let store = Arc::new(SlowCheckpoints::new(true, None));
+        let model = DemoModel::new(tokens).with_delay(delay);
+        let sessions = LocalSessions::new(store.clone(), Arc::new(model), TurnConfig::default());
+        let user = UserId::new("alice").unwrap();
+        let chat = NewChat {
+            id: ChatId::new(),
+            title: None,
+            created_at: crate::now_ms(),
+        };
+        let chat = store.create_chat(&user, chat).await.unwrap().id;
+        let m = UiMessage::user_text(MessageId::new(), "hi");
+        let turn = sessions
+            .send(&user, &chat, SendRequest::submit(m))
+            .await
+            .unwrap();
+        turn.frames.collect::<Vec<_>>().await;
+        let stored = store.inner.load_messages(&user, &chat).await.unwrap();
+        assert_eq!(stored[1].message.text(), expected_text(tokens));
+        let log = store.log.lock().unwrap();
+        log.iter()
+            .filter(|(_, s, _)| *s == MessageStatus::Streaming)
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stretched_stream_checkpoints_by_tokens_not_by_the_clock_alone() {
+        // At 20 ms a token: every 500 ms (25 tokens), as before.
+        assert_eq!(
+            checkpoints_of_one_answer(Duration::from_millis(20), 64).await,
+            2
+        );
+        // Five times slower (an overloaded machine): 6.4 s would be 12
+        // checkpoints by time alone; the 16-token floor makes it 4.
+        assert_eq!(
+            checkpoints_of_one_answer(Duration::from_millis(100), 64).await,
+            4
+        );
+        // A model slower than the floor still checkpoints every 2 s.
+        assert_eq!(
+            checkpoints_of_one_answer(Duration::from_secs(1), 5).await,
+            2
+        );
     }
 
     #[tokio::test]

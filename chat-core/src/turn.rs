@@ -11,6 +11,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+// The clock the model's waits run on (`crate::sleep`): tokio's natively, so
+// checkpoint pacing follows a paused test clock too.
+#[cfg(not(target_arch = "wasm32"))]
+use tokio::time::Instant;
+#[cfg(target_arch = "wasm32")]
 use web_time::Instant;
 
 use crate::chunk::UiChunk;
@@ -42,6 +47,20 @@ pub struct TurnConfig {
     /// flight; one falling due meanwhile replaces the pending one), and the
     /// final write waits for the one in flight, so it always wins.
     pub checkpoint_interval: Duration,
+    /// A checkpoint due by [`checkpoint_interval`](Self::checkpoint_interval)
+    /// also waits until this many model events (tokens) arrived since the
+    /// last one, unless [`checkpoint_max_interval`](Self::checkpoint_max_interval)
+    /// has passed. Default 16. At a model's normal pace this never binds
+    /// (20 ms tokens bring 25 per interval); when an overloaded machine
+    /// stretches a stream, it keeps the checkpoints of every stream from
+    /// multiplying with the stretch (a 10 s stream would write 20 full
+    /// rewrites by time alone) and swamping the store. 0 = by time only.
+    pub checkpoint_min_events: u32,
+    /// A checkpoint is written once this long has passed since the last one
+    /// and any event arrived, however few (never sooner than
+    /// `checkpoint_interval`). Default 2 s: the most a crash can lose to the
+    /// event floor above.
+    pub checkpoint_max_interval: Duration,
     /// Also checkpoint after this many model events (0 = only by time). Default 0.
     pub checkpoint_every_events: u32,
     /// System prompt sent with every step.
@@ -56,11 +75,25 @@ pub struct TurnConfig {
     pub finalize_backoff: Duration,
 }
 
+impl TurnConfig {
+    /// Whether a checkpoint is due `elapsed` after the last one, with
+    /// `events` (at least one) arrived since.
+    pub fn checkpoint_due(&self, elapsed: Duration, events: u32) -> bool {
+        if self.checkpoint_every_events > 0 && events >= self.checkpoint_every_events {
+            return true;
+        }
+        elapsed >= self.checkpoint_interval
+            && (events >= self.checkpoint_min_events || elapsed >= self.checkpoint_max_interval)
+    }
+}
+
 impl Default for TurnConfig {
     fn default() -> Self {
         Self {
             max_steps: 10,
             checkpoint_interval: Duration::from_millis(500),
+            checkpoint_min_events: 16,
+            checkpoint_max_interval: Duration::from_secs(2),
             checkpoint_every_events: 0,
             system_prompt: Some("You are a helpful AI assistant. Be concise and helpful.".into()),
             limits: Limits::default(),
@@ -660,9 +693,10 @@ impl TurnRunner {
                     break;
                 }
                 events_since_checkpoint += 1;
-                let due_by_events = self.config.checkpoint_every_events > 0
-                    && events_since_checkpoint >= self.config.checkpoint_every_events;
-                if due_by_events || last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+                if self
+                    .config
+                    .checkpoint_due(last_checkpoint.elapsed(), events_since_checkpoint)
+                {
                     checkpoints.save(&draft.msg);
                     last_checkpoint = Instant::now();
                     events_since_checkpoint = 0;
@@ -851,5 +885,51 @@ impl BufferSink {
 impl ChunkSink for BufferSink {
     fn emit(&mut self, chunk: &UiChunk<'_>) {
         self.buffer.push_chunk(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_checkpoint_is_due_by_time_once_enough_events_arrived() {
+        let c = TurnConfig::default();
+        assert!(!c.checkpoint_due(499 * MS, 100), "before the interval");
+        assert!(c.checkpoint_due(500 * MS, 16));
+        assert!(!c.checkpoint_due(500 * MS, 15), "too few events");
+        assert!(!c.checkpoint_due(1999 * MS, 15));
+        assert!(
+            c.checkpoint_due(2000 * MS, 1),
+            "the max interval caps the wait"
+        );
+    }
+
+    #[test]
+    fn the_event_floor_can_be_turned_off_and_events_alone_can_trigger() {
+        let by_time = TurnConfig {
+            checkpoint_min_events: 0,
+            ..TurnConfig::default()
+        };
+        assert!(by_time.checkpoint_due(500 * MS, 1));
+        assert!(!by_time.checkpoint_due(499 * MS, 1000));
+        let by_events = TurnConfig {
+            checkpoint_every_events: 3,
+            ..TurnConfig::default()
+        };
+        assert!(by_events.checkpoint_due(Duration::ZERO, 3));
+        assert!(!by_events.checkpoint_due(Duration::ZERO, 2));
+    }
+
+    #[test]
+    fn a_max_interval_below_the_interval_does_not_shorten_it() {
+        let c = TurnConfig {
+            checkpoint_interval: Duration::from_secs(5),
+            ..TurnConfig::default()
+        };
+        assert!(!c.checkpoint_due(Duration::from_secs(3), 1));
+        assert!(c.checkpoint_due(Duration::from_secs(5), 1));
     }
 }

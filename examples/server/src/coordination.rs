@@ -50,6 +50,10 @@ pub struct CoordinationArgs {
     /// not reload the chat from the database (0 = off).
     #[arg(long, env = "HISTORY_CACHE_BYTES", default_value_t = chat_core::DEFAULT_HISTORY_CACHE_BYTES)]
     pub history_cache_bytes: usize,
+    /// One instance only: most answers generating at once (0 = no bound);
+    /// the others wait, user message stored, for their first token.
+    #[arg(long, env = "MAX_RUNNING_TURNS", default_value_t = 0)]
+    pub max_running_turns: usize,
 }
 
 /// The Postgres pool of the store, when it is on Postgres.
@@ -90,10 +94,12 @@ impl Sessions {
             .unwrap_or_else(|| std::process::id().to_string());
         let coord: Arc<dyn TurnCoordinator> = match kind {
             CoordinationKind::None => {
-                return Ok(Sessions::Local(Arc::new(
-                    LocalSessions::new(store, model, config)
-                        .with_history_cache(args.history_cache_bytes),
-                )));
+                let mut local = LocalSessions::new(store, model, config)
+                    .with_history_cache(args.history_cache_bytes);
+                if args.max_running_turns > 0 {
+                    local = local.with_max_running_turns(args.max_running_turns);
+                }
+                return Ok(Sessions::Local(Arc::new(local)));
             }
             CoordinationKind::Redis => {
                 let url = args

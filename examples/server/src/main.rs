@@ -76,6 +76,12 @@ struct Settings {
     /// Checkpoint interval of a streaming answer, in milliseconds.
     #[arg(long, env = "CHECKPOINT_MS", default_value_t = 500)]
     checkpoint_ms: u64,
+    /// A checkpoint due by time also waits for this many tokens since the last (0 = off).
+    #[arg(long, env = "CHECKPOINT_MIN_TOKENS", default_value_t = 16)]
+    checkpoint_min_tokens: u32,
+    /// ...unless this many milliseconds passed since the last checkpoint.
+    #[arg(long, env = "CHECKPOINT_MAX_MS", default_value_t = 2000)]
+    checkpoint_max_ms: u64,
     /// Serve this directory (e.g. a built web app) for paths outside the API.
     #[arg(long, env = "WEB_DIR")]
     web_dir: Option<PathBuf>,
@@ -160,6 +166,8 @@ async fn main() -> anyhow::Result<()> {
     let model = model(&settings)?;
     let config = TurnConfig {
         checkpoint_interval: Duration::from_millis(settings.checkpoint_ms),
+        checkpoint_min_events: settings.checkpoint_min_tokens,
+        checkpoint_max_interval: Duration::from_millis(settings.checkpoint_max_ms),
         tools: chat_core::demo::demo_tools(),
         ..TurnConfig::default()
     };
