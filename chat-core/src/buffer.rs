@@ -1,10 +1,11 @@
 //! Replay + live follow of one turn's SSE frames.
 
-use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::watch;
+use futures::Stream;
 
 use crate::BoxStream;
 use crate::chunk::UiChunk;
@@ -27,6 +28,10 @@ struct Frames {
     /// Each frame's block and end offset in it (a frame never spans blocks).
     ends: Vec<(u32, u32)>,
     closed: bool,
+    /// Followers waiting for the next frame (woken and cleared on each push).
+    followers: Vec<Waker>,
+    /// Waiting in [`TurnBuffer::closed`] (woken on close only).
+    close_waiters: Vec<Waker>,
 }
 
 impl Frames {
@@ -41,12 +46,11 @@ impl Frames {
         self.open = BytesMut::with_capacity(need.max(BLOCK_BYTES));
     }
 
-    /// Records that the open block now ends a frame; returns the frame count.
-    fn end_frame(&mut self) -> usize {
+    /// Records that the open block now ends a frame.
+    fn end_frame(&mut self) {
         let block = u32::try_from(self.sealed.len()).unwrap_or(u32::MAX);
         let end = u32::try_from(self.open.len()).unwrap_or(u32::MAX);
         self.ends.push((block, end));
-        self.ends.len()
     }
 
     /// Frame `i` as `Bytes`: shared from a sealed block, copied from the open one.
@@ -68,10 +72,13 @@ impl Frames {
 /// blocks the turn or other followers (there is no channel to fill up).
 /// Memory is bounded by the turn's own output: the frames are kept back to
 /// back in 1 KiB blocks with 8 bytes of bookkeeping each.
+///
+/// Waiting followers leave their waker under the buffer's own lock, which a
+/// push takes anyway: a frame costs one uncontended lock and one wake per
+/// waiting follower, nothing else.
 #[derive(Debug)]
 pub struct TurnBuffer {
     state: Mutex<Frames>,
-    len: watch::Sender<usize>,
 }
 
 impl Default for TurnBuffer {
@@ -85,7 +92,6 @@ impl TurnBuffer {
     pub fn new() -> Self {
         Self {
             state: Mutex::new(Frames::default()),
-            len: watch::Sender::new(0),
         }
     }
 
@@ -105,32 +111,30 @@ impl TurnBuffer {
     }
 
     fn append(&self, write: impl FnOnce(&mut BytesMut), need: usize) {
-        let n = {
-            let mut s = self.lock();
-            if s.closed {
-                return;
-            }
-            s.room(need);
-            write(&mut s.open);
-            s.end_frame()
-        };
-        self.len.send_replace(n);
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        s.room(need);
+        write(&mut s.open);
+        s.end_frame();
+        // Waking only schedules the follower; draining keeps the list's room.
+        s.followers.drain(..).for_each(Waker::wake);
     }
 
     /// Appends the final `[DONE]` frame and ends every follower's stream after it.
     pub fn close(&self) {
-        let n = {
-            let mut s = self.lock();
-            if s.closed {
-                return;
-            }
-            let done = SseEncoder::done();
-            s.room(done.len());
-            s.open.extend_from_slice(&done);
-            s.closed = true;
-            s.end_frame()
-        };
-        self.len.send_replace(n);
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        let done = SseEncoder::done();
+        s.room(done.len());
+        s.open.extend_from_slice(&done);
+        s.closed = true;
+        s.end_frame();
+        s.followers.drain(..).for_each(Waker::wake);
+        s.close_waiters.drain(..).for_each(Waker::wake);
     }
 
     /// Whether the turn has ended.
@@ -150,60 +154,52 @@ impl TurnBuffer {
 
     /// Waits until the turn has ended.
     pub async fn closed(&self) {
-        let mut rx = self.len.subscribe();
-        loop {
-            rx.borrow_and_update();
-            if self.is_closed() {
-                return;
+        std::future::poll_fn(|cx| {
+            let mut s = self.lock();
+            if s.closed {
+                return Poll::Ready(());
             }
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Appends frames `from..` to `out` (sealed blocks shared, the open
-    /// block's frames copied); returns how many were added and whether the
-    /// buffer is closed.
-    fn read_into(&self, from: usize, out: &mut VecDeque<Bytes>) -> (usize, bool) {
-        let s = self.lock();
-        let to = s.ends.len();
-        out.extend((from..to).map(|i| s.frame(i)));
-        (to.saturating_sub(from), s.closed)
+            register(&mut s.close_waiters, cx.waker());
+            Poll::Pending
+        })
+        .await;
     }
 
     /// A stream of every frame from the first, then live, ending after `[DONE]`.
-    pub fn follow(self: std::sync::Arc<Self>) -> BoxStream<'static, Bytes> {
-        struct St {
-            buf: std::sync::Arc<TurnBuffer>,
-            rx: watch::Receiver<usize>,
-            pos: usize,
-            pending: VecDeque<Bytes>,
+    pub fn follow(self: Arc<Self>) -> BoxStream<'static, Bytes> {
+        Box::pin(Follower { buf: self, pos: 0 })
+    }
+}
+
+/// Adds `waker` to `list` unless it is there already.
+fn register(list: &mut Vec<Waker>, waker: &Waker) {
+    if !list.iter().any(|w| w.will_wake(waker)) {
+        list.push(waker.clone());
+    }
+}
+
+/// One reader of a [`TurnBuffer`]: the next frame to read and nothing else.
+struct Follower {
+    buf: Arc<TurnBuffer>,
+    pos: usize,
+}
+
+impl Stream for Follower {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut s = self.buf.lock();
+        if self.pos < s.ends.len() {
+            let frame = s.frame(self.pos);
+            drop(s);
+            self.pos += 1;
+            return Poll::Ready(Some(frame));
         }
-        let rx = self.len.subscribe();
-        let st = St {
-            buf: self,
-            rx,
-            pos: 0,
-            pending: VecDeque::with_capacity(4),
-        };
-        let s = futures::stream::unfold(st, |mut st| async move {
-            loop {
-                if let Some(f) = st.pending.pop_front() {
-                    return Some((f, st));
-                }
-                st.rx.borrow_and_update();
-                let (added, closed) = st.buf.read_into(st.pos, &mut st.pending);
-                if added > 0 {
-                    st.pos += added;
-                    continue;
-                }
-                if closed || st.rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        });
-        Box::pin(s)
+        if s.closed {
+            return Poll::Ready(None);
+        }
+        register(&mut s.followers, cx.waker());
+        Poll::Pending
     }
 }
 
@@ -304,5 +300,31 @@ mod tests {
         buf.close();
         assert_eq!(&follower.next().await.unwrap()[..], &SseEncoder::done()[..]);
         assert!(follower.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn closed_returns_once_the_turn_ends_and_many_followers_all_finish() {
+        let buf = Arc::new(TurnBuffer::new());
+        let waiter = tokio::spawn({
+            let buf = buf.clone();
+            async move { buf.closed().await }
+        });
+        let followers: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(read_all(buf.clone())))
+            .collect();
+        // A follower that goes away before the end leaves nothing behind.
+        drop(buf.clone().follow());
+        for i in 0..10 {
+            buf.push_chunk(&delta(i, "tok"));
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "closed() must wait for close()");
+        buf.close();
+        waiter.await.unwrap();
+        let want = encoded(&(0..10).map(|i| delta(i, "tok")).collect::<Vec<_>>());
+        for f in followers {
+            assert_eq!(f.await.unwrap(), want);
+        }
+        buf.closed().await;
     }
 }

@@ -1332,9 +1332,11 @@ async fn retried_message(f: Arc<dyn SessionFactory>) -> CheckResult {
 }
 
 async fn checkpoints(f: Arc<dyn SessionFactory>) -> CheckResult {
-    let c = ctx(&*f, slow(30), config()).await?;
+    let c = ctx(&*f, slow(40), config()).await?;
     let mut turn = c.send("checkpoint me").await?;
-    for _ in 0..12 {
+    // Past the default 16-token floor (and the 20 ms interval): start,
+    // start-step, text-start and 19 tokens.
+    for _ in 0..22 {
         turn.frames.next().await;
     }
     crate::sleep(Duration::from_millis(60)).await;

@@ -3,14 +3,14 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 // The clock the model's waits run on (`crate::sleep`): tokio's natively, so
 // checkpoint pacing follows a paused test clock too.
 #[cfg(not(target_arch = "wasm32"))]
@@ -259,15 +259,49 @@ struct Checkpoints<'a> {
     turn: &'a PreparedTurn,
     inflight: Option<CheckpointWrite<'a>>,
     pending: Option<StoredMessage>,
+    cancel: CancelWatch<'a>,
+}
+
+/// Watches a turn's cancellation for every await of the turn with one
+/// registration (per waker), not a new `cancelled()` future per token.
+struct CancelWatch<'a> {
+    token: &'a CancellationToken,
+    /// Holds the registration that wakes the turn on cancel.
+    wait: Pin<Box<WaitForCancellationFuture<'a>>>,
+    /// The waker `wait` was last polled with.
+    waker: Option<Waker>,
+}
+
+impl<'a> CancelWatch<'a> {
+    fn new(token: &'a CancellationToken) -> Self {
+        Self {
+            token,
+            wait: Box::pin(token.cancelled()),
+            waker: None,
+        }
+    }
+
+    /// Whether the token fired; registers `cx` for the wake when it is new.
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return self.token.is_cancelled();
+        }
+        if self.wait.as_mut().poll(cx).is_ready() {
+            return true;
+        }
+        self.waker = Some(cx.waker().clone());
+        false
+    }
 }
 
 impl<'a> Checkpoints<'a> {
-    fn new(runner: &'a TurnRunner, turn: &'a PreparedTurn) -> Self {
+    fn new(runner: &'a TurnRunner, turn: &'a PreparedTurn, cancel: &'a CancellationToken) -> Self {
         Self {
             runner,
             turn,
             inflight: None,
             pending: None,
+            cancel: CancelWatch::new(cancel),
         }
     }
 
@@ -312,13 +346,17 @@ impl<'a> Checkpoints<'a> {
         }
     }
 
-    /// Awaits `fut` while moving the checkpoint writes along.
-    async fn alongside<F: Future>(&mut self, fut: F) -> F::Output {
+    /// Awaits `fut` while moving the checkpoint writes along; `None` (and
+    /// `fut` dropped) once the turn is cancelled.
+    async fn until_cancelled<F: Future>(&mut self, fut: F) -> Option<F::Output> {
         let mut fut = pin!(fut);
         std::future::poll_fn(|cx| {
+            if self.cancel.poll_cancelled(cx) {
+                return Poll::Ready(None);
+            }
             // Writes first: a model that is always ready must not starve them.
             let _ = self.poll_writes(cx);
-            fut.as_mut().poll(cx)
+            fut.as_mut().poll(cx).map(Some)
         })
         .await
     }
@@ -516,7 +554,7 @@ impl TurnRunner {
             part_seq: 0,
             usage: None,
         };
-        let mut checkpoints = Checkpoints::new(self, &turn);
+        let mut checkpoints = Checkpoints::new(self, &turn, cancel);
         let end = self
             .steps(&turn, &mut draft, sink, cancel, &mut checkpoints)
             .await;
@@ -550,7 +588,7 @@ impl TurnRunner {
                 step,
             };
             let mut stream: ModelStream = match checkpoints
-                .alongside(cancel.run_until_cancelled(self.model.stream(request)))
+                .until_cancelled(self.model.stream(request))
                 .await
             {
                 None => return End::Aborted,
@@ -560,10 +598,7 @@ impl TurnRunner {
             let mut step_reason = None;
             let mut calls: Vec<(String, String, Value)> = Vec::new();
             loop {
-                let Some(next) = checkpoints
-                    .alongside(cancel.run_until_cancelled(stream.next()))
-                    .await
-                else {
+                let Some(next) = checkpoints.until_cancelled(stream.next()).await else {
                     return End::Aborted;
                 };
                 let event = match next {
@@ -715,7 +750,7 @@ impl TurnRunner {
                             tool_call_id: id.clone(),
                         };
                         match checkpoints
-                            .alongside(cancel.run_until_cancelled(tool.call(ctx, input.clone())))
+                            .until_cancelled(tool.call(ctx, input.clone()))
                             .await
                         {
                             None => return End::Aborted,
