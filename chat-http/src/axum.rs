@@ -140,13 +140,53 @@ fn with_keep_alive(
     frames: chat_core::BoxStream<'static, Bytes>,
     every: Duration,
 ) -> impl futures::Stream<Item = Bytes> + Send {
-    futures::stream::unfold(frames, move |mut frames| async move {
-        match tokio::time::timeout(every, frames.next()).await {
-            Ok(Some(f)) => Some((f, frames)),
-            Ok(None) => None,
-            Err(_) => Some((Bytes::from_static(b": keep-alive\n\n"), frames)),
+    // One timer per stream ticking every half period, not a timeout per
+    // frame (a timer-wheel insert and removal for every token).
+    let half = (every / 2).max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    KeepAlive {
+        frames,
+        ticks,
+        idle_ticks: 0,
+    }
+}
+
+/// A stream's frames plus a comment once two ticks (at most `every`) passed
+/// without one.
+struct KeepAlive {
+    frames: chat_core::BoxStream<'static, Bytes>,
+    ticks: tokio::time::Interval,
+    /// Ticks since the last frame.
+    idle_ticks: u8,
+}
+
+impl futures::Stream for KeepAlive {
+    type Item = Bytes;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match this.frames.as_mut().poll_next(cx) {
+            Poll::Ready(Some(f)) => {
+                this.idle_ticks = 0;
+                return Poll::Ready(Some(f));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
         }
-    })
+        while this.ticks.poll_tick(cx).is_ready() {
+            this.idle_ticks += 1;
+            if this.idle_ticks >= 2 {
+                this.idle_ticks = 0;
+                return Poll::Ready(Some(Bytes::from_static(b": keep-alive\n\n")));
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Creates a chat.

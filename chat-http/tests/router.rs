@@ -40,6 +40,42 @@ async fn call(app: &axum::Router, req: Request<Body>) -> (u16, Vec<u8>) {
     )
 }
 
+/// Sends one message through `app` and returns the stream's bytes.
+async fn one_turn(app: &axum::Router, user: &str) -> Vec<u8> {
+    let (_, body) = call(
+        app,
+        Request::post("/api/chat")
+            .header("x-user-id", user)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let chat: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = chat["chatId"].as_str().unwrap();
+    let msg = serde_json::json!({"message": {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}});
+    let req = Request::post(format!("/api/chat/{id}/messages"))
+        .header("x-user-id", user)
+        .header("content-type", "application/json")
+        .body(Body::from(msg.to_string()))
+        .unwrap();
+    let (status, body) = call(app, req).await;
+    assert_eq!(status, 200);
+    body
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_keeps_talking_gets_no_keep_alive() {
+    // Tokens 40 ms apart never leave 100 ms of silence (paused clock: exact).
+    let body = one_turn(&app(40, 100), "busy").await;
+    let text = String::from_utf8(body.clone()).unwrap();
+    assert!(!text.contains(": keep-alive"), "{text}");
+    assert!(parse_sse(&body).unwrap().1);
+    // Silences of 120 ms do get one, at most 100 ms into them.
+    let body = one_turn(&app(120, 100), "quiet").await;
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(text.matches(": keep-alive").count(), 4, "{text}");
+}
+
 #[tokio::test]
 async fn keep_alive_comments_on_silent_streams_are_skipped_by_parsers() {
     let app = app(120, 30);
