@@ -98,55 +98,64 @@ impl DemoModel {
         }
     }
 
-    fn text(&self, n: u32, out: &mut Vec<Result<ModelEvent, ModelError>>) {
-        out.extend((0..n).map(|i| Ok(ModelEvent::TextDelta(format!("tok{i} ")))));
-    }
-
-    fn finish(&self, reason: FinishReason, out: &mut Vec<Result<ModelEvent, ModelError>>) {
+    fn finish(&self, reason: FinishReason) -> ModelEvent {
         let n = u64::from(self.tokens);
-        out.push(Ok(ModelEvent::Finish {
+        let usage = Usage {
+            input_tokens: Some(8),
+            output_tokens: Some(n),
+            total_tokens: Some(8 + n),
+            reasoning_tokens: None,
+        };
+        ModelEvent::Finish {
             reason,
-            usage: Some(Usage {
-                input_tokens: Some(8),
-                output_tokens: Some(n),
-                total_tokens: Some(8 + n),
-                reasoning_tokens: None,
-            }),
-        }));
+            usage: Some(usage),
+        }
     }
+}
+
+/// One model event as the stream yields it.
+type Event = Result<ModelEvent, ModelError>;
+
+/// A script's events, made one at a time as the stream is read (a 64-token
+/// answer held as a vector was ~7 KB per running turn).
+#[cfg(not(target_arch = "wasm32"))]
+type Events = Box<dyn Iterator<Item = Event> + Send>;
+/// A script's events, made one at a time as the stream is read.
+#[cfg(target_arch = "wasm32")]
+type Events = Box<dyn Iterator<Item = Event>>;
+
+/// `n` text tokens, the i-th being `tok{i} `.
+fn text(n: u32) -> impl Iterator<Item = Event> + Send {
+    (0..n).map(|i| Ok(ModelEvent::TextDelta(format!("tok{i} "))))
 }
 
 #[cfg_attr(target_arch = "wasm32", async_trait(?Send))]
 #[cfg_attr(not(target_arch = "wasm32"), async_trait)]
 impl ModelProvider for DemoModel {
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ModelError> {
-        let mut events = Vec::with_capacity(self.tokens as usize + 2);
-        match self.script_for(&request) {
+        let once = |e: Event| std::iter::once(e);
+        let events: Events = match self.script_for(&request) {
             DemoScript::FromPrompt | DemoScript::Text => {
-                self.text(self.tokens, &mut events);
-                self.finish(FinishReason::Stop, &mut events);
+                Box::new(text(self.tokens).chain(once(Ok(self.finish(FinishReason::Stop)))))
             }
-            DemoScript::Reasoning => {
-                events.extend(
-                    (0..self.tokens.div_ceil(4))
-                        .map(|i| Ok(ModelEvent::ReasoningDelta(format!("think{i} ")))),
-                );
-                self.text(self.tokens, &mut events);
-                self.finish(FinishReason::Stop, &mut events);
-            }
+            DemoScript::Reasoning => Box::new(
+                (0..self.tokens.div_ceil(4))
+                    .map(|i| Ok(ModelEvent::ReasoningDelta(format!("think{i} "))))
+                    .chain(text(self.tokens))
+                    .chain(once(Ok(self.finish(FinishReason::Stop)))),
+            ),
             DemoScript::ToolCall => {
                 let answered = request.messages.last().is_some_and(|m| {
                     m.role == Role::Assistant && m.parts.iter().any(|p| matches!(p, Part::Tool(_)))
                 });
                 if answered {
-                    self.text(self.tokens, &mut events);
-                    self.finish(FinishReason::Stop, &mut events);
+                    Box::new(text(self.tokens).chain(once(Ok(self.finish(FinishReason::Stop)))))
                 } else {
                     let id = format!("call-{}", request.step);
-                    events.push(Ok(ModelEvent::ToolInputStart {
+                    let mut events = vec![Ok(ModelEvent::ToolInputStart {
                         id: id.clone(),
                         name: "get_weather".into(),
-                    }));
+                    })];
                     for piece in ["{\"city\":", "\"Paris\"}"] {
                         events.push(Ok(ModelEvent::ToolInputDelta {
                             id: id.clone(),
@@ -158,17 +167,15 @@ impl ModelProvider for DemoModel {
                         name: "get_weather".into(),
                         input: json!({"city": "Paris"}),
                     }));
-                    self.finish(FinishReason::ToolCalls, &mut events);
+                    events.push(Ok(self.finish(FinishReason::ToolCalls)));
+                    Box::new(events.into_iter())
                 }
             }
-            DemoScript::FailAfter(n) => {
-                self.text(n, &mut events);
-                events.push(Err(ModelError::Interrupted(
-                    "demo model failed on purpose".into(),
-                )));
-            }
-            DemoScript::Truncate => self.text(self.tokens / 2, &mut events),
-        }
+            DemoScript::FailAfter(n) => Box::new(text(n).chain(once(Err(
+                ModelError::Interrupted("demo model failed on purpose".into()),
+            )))),
+            DemoScript::Truncate => Box::new(text(self.tokens / 2)),
+        };
         let delay = self.delay;
         let stream = futures::stream::iter(events).then(move |e| async move {
             if !delay.is_zero() {
