@@ -50,8 +50,8 @@ impl std::fmt::Debug for Inner {
             .field("runner", &self.runner)
             .field("cache", &self.cache)
             .field(
-                "max_running_turns",
-                &self.admission.as_ref().map(|_| "bounded"),
+                "free_turn_slots",
+                &self.admission.as_ref().map(|s| s.available_permits()),
             )
             .finish_non_exhaustive()
     }
@@ -166,10 +166,10 @@ impl LocalSessions {
 
     /// A runtime around a configured [`TurnRunner`].
     pub fn from_runner(runner: TurnRunner) -> Self {
-        Self::build(runner, DEFAULT_HISTORY_CACHE_BYTES)
+        Self::build(runner, DEFAULT_HISTORY_CACHE_BYTES, None)
     }
 
-    fn build(runner: TurnRunner, cache_bytes: usize) -> Self {
+    fn build(runner: TurnRunner, cache_bytes: usize, admission: Option<Arc<Semaphore>>) -> Self {
         let store = runner.store().clone();
         let (runner, cache) = if cache_bytes == 0 {
             (runner, None)
@@ -186,7 +186,7 @@ impl LocalSessions {
                 cache,
                 owners: Arc::new(OwnerCache::new(DEFAULT_OWNER_CACHE_CHATS)),
                 active: Mutex::new(HashMap::new()),
-                admission: None,
+                admission,
                 queued: AtomicUsize::new(0),
             }),
         }
@@ -201,11 +201,7 @@ impl LocalSessions {
             .runner
             .clone()
             .with_store(self.inner.store.clone());
-        let mut built = Self::build(runner, max_bytes);
-        if let Some(inner) = Arc::get_mut(&mut built.inner) {
-            inner.admission.clone_from(&self.inner.admission);
-        }
-        built
+        Self::build(runner, max_bytes, self.inner.admission.clone())
     }
 
     /// Lets at most `max` turns generate at once (`0` is taken as 1); the
