@@ -1047,6 +1047,17 @@ mod tests {
         (store, sessions, user, chats)
     }
 
+    /// Sends `text` as a new user message to `chat`.
+    async fn ask(
+        sessions: &LocalSessions,
+        user: &UserId,
+        chat: &ChatId,
+        text: &str,
+    ) -> Result<TurnStream, Error> {
+        let m = UiMessage::user_text(MessageId::new(), text);
+        sessions.send(user, chat, SendRequest::submit(m)).await
+    }
+
     /// Waits (in paused time) until `n` turns are queued.
     async fn until_queued(sessions: &LocalSessions, n: usize) {
         for _ in 0..1000 {
@@ -1116,31 +1127,11 @@ mod tests {
         let model = DemoModel::new(1000).with_delay(Duration::from_millis(10));
         let (store, sessions, user, chats) = admission_fixture(1, model, 2).await;
         let (busy, waiting) = (chats[0], chats[1]);
-        let first = sessions
-            .send(
-                &user,
-                &busy,
-                SendRequest::submit(UiMessage::user_text(MessageId::new(), "a")),
-            )
-            .await
-            .unwrap();
-        let queued = sessions
-            .send(
-                &user,
-                &waiting,
-                SendRequest::submit(UiMessage::user_text(MessageId::new(), "b")),
-            )
-            .await
-            .unwrap();
+        let first = ask(&sessions, &user, &busy, "a").await.unwrap();
+        let queued = ask(&sessions, &user, &waiting, "b").await.unwrap();
         until_queued(&sessions, 1).await;
         // A second send to the queued chat is busy, like for a running turn.
-        let again = sessions
-            .send(
-                &user,
-                &waiting,
-                SendRequest::submit(UiMessage::user_text(MessageId::new(), "c")),
-            )
-            .await;
+        let again = ask(&sessions, &user, &waiting, "c").await;
         assert!(matches!(again, Err(Error::Busy { .. })), "{again:?}");
         assert!(sessions.resume(&user, &waiting).await.unwrap().is_some());
         assert!(sessions.stop(&user, &waiting).await.unwrap());
@@ -1168,11 +1159,7 @@ mod tests {
         assert!(sessions.stop(&user, &busy).await.unwrap());
         let frames: Vec<_> = first.frames.collect().await;
         assert!(frames.iter().any(|f| is_delta(f)));
-        let m = UiMessage::user_text(MessageId::new(), "again");
-        let next = sessions
-            .send(&user, &waiting, SendRequest::submit(m))
-            .await
-            .unwrap();
+        let next = ask(&sessions, &user, &waiting, "again").await.unwrap();
         let mut frames = next.frames;
         let mut deltas = 0;
         while deltas < 3 {

@@ -78,25 +78,7 @@ async fn a_stream_that_keeps_talking_gets_no_keep_alive() {
 
 #[tokio::test]
 async fn keep_alive_comments_on_silent_streams_are_skipped_by_parsers() {
-    let app = app(120, 30);
-    let (_, body) = call(
-        &app,
-        Request::post("/api/chat")
-            .header("x-user-id", "ka")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
-    let chat: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let id = chat["chatId"].as_str().unwrap();
-    let msg = serde_json::json!({"message": {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}});
-    let req = Request::post(format!("/api/chat/{id}/messages"))
-        .header("x-user-id", "ka")
-        .header("content-type", "application/json")
-        .body(Body::from(msg.to_string()))
-        .unwrap();
-    let (status, body) = call(&app, req).await;
-    assert_eq!(status, 200);
+    let body = one_turn(&app(120, 30), "ka").await;
     let text = String::from_utf8(body.clone()).unwrap();
     assert!(
         text.contains(": keep-alive\n\n"),
