@@ -11,7 +11,7 @@
 //! `.await`.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -19,7 +19,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::error::StoreError;
-use crate::ids::{ChatId, MessageId, UserId};
+use crate::history::{History, id_hash};
+use crate::ids::{ChatId, UserId};
 use crate::message::Part;
 use crate::store::{Chat, ChatPage, MessageStore, NewChat, PageRequest, StoredMessage};
 
@@ -58,13 +59,6 @@ fn map_size(o: &Map<String, Value>) -> usize {
 
 fn opt_len(s: Option<&String>) -> usize {
     s.map_or(0, String::len)
-}
-
-/// The hash kept per cached message id (collisions only cost a search).
-fn id_hash(id: &MessageId) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    id.as_str().hash(&mut h);
-    h.finish()
 }
 
 /// Approximate heap bytes of a stored message: its strings and JSON values
@@ -109,8 +103,8 @@ struct Entry {
     user: UserId,
     /// Identifies this fill (a write started against it must end against it).
     fill: u64,
-    /// Shared with the turns that read them (a hit copies pointers only).
-    messages: Vec<Arc<StoredMessage>>,
+    /// Shared with the turns that read them (a hit is an O(1) clone).
+    messages: History,
     sizes: Vec<usize>,
     /// Hashes of the ids in `messages`: a write of a new id (every answer,
     /// every user message) appends without comparing it to the whole history.
@@ -147,7 +141,7 @@ impl Shard {
 /// What a lookup found.
 pub(crate) enum Lookup {
     /// The history, as the store would return it.
-    Hit(Vec<Arc<StoredMessage>>),
+    Hit(History),
     /// Not cached: read the store, then [`HistoryCache::fill`] with this token
     /// (`None`: read the store but do not fill).
     Miss(Option<u64>),
@@ -300,13 +294,7 @@ impl HistoryCache {
 
     /// Stores what the store returned for the miss that handed out `token`,
     /// unless a write or invalidation came in between.
-    pub(crate) fn fill(
-        &self,
-        user: &UserId,
-        chat: &ChatId,
-        token: u64,
-        messages: Vec<Arc<StoredMessage>>,
-    ) {
+    pub(crate) fn fill(&self, user: &UserId, chat: &ChatId, token: u64, messages: History) {
         let sizes: Vec<usize> = messages.iter().map(|m| approx_size(m)).collect();
         let bytes: usize = sizes.iter().sum();
         let ids = messages.iter().map(|m| id_hash(&m.message.id)).collect();
@@ -413,15 +401,18 @@ impl HistoryCache {
                 let known = if e.ids.insert(hash) {
                     None
                 } else {
-                    list.iter().rposition(|x| x.message.id == m.message.id)
+                    list.position(&m.message.id)
                 };
                 if let Some(i) = known {
                     // Replaced in place; the store keeps position and created_at.
-                    let created_at = list[i].created_at;
-                    list[i] = Arc::new(StoredMessage {
-                        created_at,
-                        ..m.clone()
-                    });
+                    let created_at = list.get(i).map_or(m.created_at, |x| x.created_at);
+                    list.set(
+                        i,
+                        Arc::new(StoredMessage {
+                            created_at,
+                            ..m.clone()
+                        }),
+                    );
                     e.bytes = e.bytes - e.sizes[i] + size;
                     shard.bytes = shard.bytes - e.sizes[i] + size;
                     e.sizes[i] = size;
@@ -543,17 +534,10 @@ impl MessageStore for CachedStore {
         chat: &ChatId,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let shared = self.load_history(user, chat).await?;
-        Ok(shared
-            .into_iter()
-            .map(|m| Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone()))
-            .collect())
+        Ok(shared.iter().map(|m| (**m).clone()).collect())
     }
 
-    async fn load_history(
-        &self,
-        user: &UserId,
-        chat: &ChatId,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+    async fn load_history(&self, user: &UserId, chat: &ChatId) -> Result<History, StoreError> {
         match self.cache.lookup(user, chat) {
             Lookup::Hit(list) => Ok(list),
             Lookup::Miss(token) => {
@@ -651,7 +635,7 @@ mod tests {
         let Lookup::Miss(Some(t)) = cache.lookup(u, chat) else {
             panic!("expected a fresh miss");
         };
-        cache.fill(u, chat, t, list.into_iter().map(Arc::new).collect());
+        cache.fill(u, chat, t, list.into_iter().collect());
     }
 
     fn hit(cache: &HistoryCache, u: &UserId, chat: &ChatId) -> Option<Vec<StoredMessage>> {
@@ -840,7 +824,7 @@ mod tests {
         };
         let t = cache.begin_write(&u, &chat);
         cache.end_write(t, Some(&msg("b", 2)));
-        cache.fill(&u, &chat, token, vec![Arc::new(msg("a", 1))]);
+        cache.fill(&u, &chat, token, [msg("a", 1)].into_iter().collect());
         assert!(cache.peek(&chat).is_none());
 
         // A write that started before a load and ends after its fill.

@@ -36,6 +36,7 @@ pub mod coord;
 pub mod coordinated;
 pub mod demo;
 pub mod error;
+pub mod history;
 #[cfg(not(target_arch = "wasm32"))]
 mod history_cache;
 pub mod ids;
@@ -63,6 +64,7 @@ pub use coord::{CoordError, InProcessCoordinator, Lease, RunningTurn, TurnCoordi
 pub use coordinated::{CoordinatedSessions, CoordinationSettings};
 pub use demo::{DemoModel, DemoScript};
 pub use error::{BoxError, Error, ModelError, StoreError, ToolError, ValidationError};
+pub use history::History;
 #[cfg(not(target_arch = "wasm32"))]
 pub use history_cache::DEFAULT_HISTORY_CACHE_BYTES;
 pub use ids::{ChatId, MessageId, UserId};

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::BoxStream;
 use crate::error::ModelError;
+use crate::history::History;
 use crate::message::{FinishReason, UiMessage, Usage};
 use crate::store::{MessageStatus, StoredMessage};
 use crate::tool::ToolSpec;
@@ -31,12 +32,12 @@ pub struct ModelRequest {
 /// copies pointers, not messages.
 #[derive(Debug, Clone, Default)]
 pub struct Conversation {
-    messages: Arc<[Arc<StoredMessage>]>,
+    messages: History,
 }
 
 impl Conversation {
     /// A conversation over already shared stored messages.
-    pub fn from_stored(messages: Vec<Arc<StoredMessage>>) -> Self {
+    pub fn from_stored(messages: impl Into<History>) -> Self {
         Self {
             messages: messages.into(),
         }
@@ -44,7 +45,7 @@ impl Conversation {
 
     /// The messages, oldest first.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &UiMessage> + ExactSizeIterator {
-        self.messages.iter().map(|m| &m.message)
+        self.messages.messages()
     }
 
     /// Number of messages.
@@ -65,8 +66,7 @@ impl Conversation {
     /// This conversation plus `message` at the end (the shared ones are not copied).
     #[must_use]
     pub fn with_message(&self, message: UiMessage) -> Self {
-        let mut all = Vec::with_capacity(self.messages.len() + 1);
-        all.extend(self.messages.iter().cloned());
+        let mut all = self.messages.clone();
         all.push(Arc::new(unstored(message)));
         Self::from_stored(all)
     }
@@ -89,7 +89,7 @@ impl From<Vec<UiMessage>> for Conversation {
 
 impl FromIterator<UiMessage> for Conversation {
     fn from_iter<I: IntoIterator<Item = UiMessage>>(iter: I) -> Self {
-        Self::from_stored(iter.into_iter().map(|m| Arc::new(unstored(m))).collect())
+        Self::from_stored(iter.into_iter().map(unstored).collect::<History>())
     }
 }
 

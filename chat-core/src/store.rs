@@ -5,6 +5,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
+use crate::history::History;
 use crate::ids::{ChatId, UserId};
 use crate::message::UiMessage;
 
@@ -162,20 +163,11 @@ pub trait MessageStore: crate::MaybeSendSync + 'static {
         chat: &ChatId,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
-    /// [`load_messages`](Self::load_messages) as shared messages: a store
-    /// that keeps histories in memory hands out its own (the turn runtime
-    /// reads history this way, so a cached history is never copied).
-    async fn load_history(
-        &self,
-        user: &UserId,
-        chat: &ChatId,
-    ) -> Result<Vec<std::sync::Arc<StoredMessage>>, StoreError> {
-        Ok(self
-            .load_messages(user, chat)
-            .await?
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect())
+    /// [`load_messages`](Self::load_messages) as a shared [`History`]: a
+    /// store that keeps histories in memory hands out its own (the turn
+    /// runtime reads history this way, so a cached history is never copied).
+    async fn load_history(&self, user: &UserId, chat: &ChatId) -> Result<History, StoreError> {
+        Ok(self.load_messages(user, chat).await?.into_iter().collect())
     }
 
     /// Inserts the message, or replaces it in place when its id exists in this

@@ -440,16 +440,18 @@ impl TurnRunner {
                     return Err(ValidationError::new("message", "is required").into());
                 };
                 self.config.limits.check_user_message(&msg)?;
-                let existing = history.iter().position(|m| m.message.id == msg.id);
-                let created_at = existing.map_or(now, |i| history[i].created_at);
+                let existing = history
+                    .position(&msg.id)
+                    .and_then(|i| Some((i, history.get(i)?.clone())));
+                let created_at = existing.as_ref().map_or(now, |(_, m)| m.created_at);
                 msg.metadata = Some(MessageMetadata {
                     created_at: Some(created_at),
                     ..MessageMetadata::default()
                 });
-                if let Some(i) = existing {
+                if let Some((i, found)) = existing {
                     // A retried request: keep the message where it is and replace the
                     // answer that followed it (if any) instead of adding another.
-                    if history[i].message.role != Role::User {
+                    if found.message.role != Role::User {
                         return Err(ValidationError::new(
                             "message.id",
                             "is already used by a non-user message",
@@ -476,13 +478,10 @@ impl TurnRunner {
             Trigger::RegenerateMessage => {
                 let target = match &request.message_id {
                     Some(id) => {
-                        let i = history
-                            .iter()
-                            .position(|m| &m.message.id == id)
-                            .ok_or_else(|| {
-                                ValidationError::new("messageId", "no such message in this chat")
-                            })?;
-                        if history[i].message.role != Role::Assistant {
+                        let i = history.position(id).ok_or_else(|| {
+                            ValidationError::new("messageId", "no such message in this chat")
+                        })?;
+                        if history.get(i).map(|m| m.message.role) != Some(Role::Assistant) {
                             return Err(ValidationError::new(
                                 "messageId",
                                 "must name an assistant message",
@@ -497,8 +496,9 @@ impl TurnRunner {
                         .filter(|&i| i + 1 == history.len()),
                 };
                 let upto = target.unwrap_or(history.len());
-                assistant_id =
-                    target.map_or_else(MessageId::new, |i| history[i].message.id.clone());
+                assistant_id = target
+                    .and_then(|i| history.get(i))
+                    .map_or_else(MessageId::new, |m| m.message.id.clone());
                 history.truncate(upto);
                 if !history.iter().any(|m| m.message.role == Role::User) {
                     return Err(ValidationError::new(
