@@ -263,34 +263,80 @@ struct Checkpoints<'a> {
 }
 
 /// Watches a turn's cancellation for every await of the turn with one
-/// registration (per waker), not a new `cancelled()` future per token.
+/// registration, not a new `cancelled()` future per token, and answers
+/// "cancelled yet?" from one atomic flag: the registration wakes the turn
+/// through [`CancelFlag`], which sets the flag first (the token's own
+/// `is_cancelled` takes a mutex, paid twice per token before).
 struct CancelWatch<'a> {
-    token: &'a CancellationToken,
-    /// Holds the registration that wakes the turn on cancel.
+    /// Holds the registration; polled only with the flag's waker.
     wait: Pin<Box<WaitForCancellationFuture<'a>>>,
-    /// The waker `wait` was last polled with.
+    flag: Arc<CancelFlag>,
+    /// The turn's waker the flag forwards to (to skip the flag's lock when unchanged).
     waker: Option<Waker>,
+}
+
+/// Set (then the turn woken) when the cancellation fires.
+#[derive(Default)]
+struct CancelFlag {
+    fired: std::sync::atomic::AtomicBool,
+    turn: std::sync::Mutex<Option<Waker>>,
+}
+
+impl std::task::Wake for CancelFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, std::sync::atomic::Ordering::Release);
+        let turn = self
+            .turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(w) = turn {
+            w.wake();
+        }
+    }
 }
 
 impl<'a> CancelWatch<'a> {
     fn new(token: &'a CancellationToken) -> Self {
         Self {
-            token,
             wait: Box::pin(token.cancelled()),
+            flag: Arc::new(CancelFlag::default()),
             waker: None,
         }
     }
 
-    /// Whether the token fired; registers `cx` for the wake when it is new.
+    /// Whether the token fired; the turn (`cx`) is woken when it does.
     fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return self.token.is_cancelled();
-        }
-        if self.wait.as_mut().poll(cx).is_ready() {
+        if self.flag.fired.load(std::sync::atomic::Ordering::Acquire) {
             return true;
         }
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return false;
+        }
+        // First poll, or the turn moved to another waker: forward to it, and
+        // (first time) register the flag with the token.
+        *self
+            .flag
+            .turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cx.waker().clone());
         self.waker = Some(cx.waker().clone());
-        false
+        let flag_waker = Waker::from(self.flag.clone());
+        if self
+            .wait
+            .as_mut()
+            .poll(&mut Context::from_waker(&flag_waker))
+            .is_ready()
+        {
+            self.flag
+                .fired
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.flag.fired.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -177,8 +177,13 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
 /// time so each caller learns its own outcome (rewriting a row that did land
 /// changes nothing: same content, same place).
 async fn write_chunk<W: RowWriter>(writer: &W, chunk: &mut [Job]) {
-    tracing::trace!(rows = chunk.len(), "writing a batch of messages");
+    let started = std::time::Instant::now();
     let outcome = writer.write_rows(chunk).await;
+    tracing::trace!(
+        rows = chunk.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "wrote a batch of messages"
+    );
     match outcome {
         Ok(n) if n as usize == chunk.len() => {
             for job in chunk.iter_mut() {
