@@ -14,6 +14,8 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use chat_core::{StoreError, UserId};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::schema::MessageRow;
@@ -62,6 +64,11 @@ pub(crate) trait RowWriter: Send + Sync + 'static {
 
     /// Whether `chat` exists and belongs to `user` (the error path only).
     async fn owns(&self, user: &UserId, chat: &str) -> Result<bool, StoreError>;
+
+    /// Batches the backend takes at once (each on its own connection).
+    fn lanes(&self) -> usize {
+        1
+    }
 }
 
 /// The queue in front of the writer task, started on first use (so a store
@@ -127,49 +134,98 @@ impl<W: RowWriter> WriteQueue<W> {
 }
 
 /// The writer task: takes everything queued, writes it in batches, answers
-/// each caller; ends when every sender (every store clone) is gone.
+/// each caller; ends when every sender (every store clone) is gone and
+/// every queued write is answered.
+///
+/// Up to [`RowWriter::lanes`] batches are in flight at once (Postgres: a
+/// batch is formed and sent while the previous one waits for its commit's
+/// fsync, and the server flushes both with one; SQLite has one writer).
+/// Batches in flight never share a chat or a message id, and a chat's later
+/// writes wait until its batch is done, so per-chat order holds.
 async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let lanes = writer.lanes().max(1);
     let mut pending: VecDeque<Job> = VecDeque::new();
-    let mut chats: HashSet<String> = HashSet::new();
-    let mut ids: HashSet<String> = HashSet::new();
+    let mut inflight = FuturesUnordered::new();
+    // Chats and ids of the batches in flight.
+    let mut busy_chats: HashSet<String> = HashSet::new();
+    let mut busy_ids: HashSet<String> = HashSet::new();
+    let mut open = true;
     loop {
-        if pending.is_empty() {
-            match rx.recv().await {
-                Some(job) => pending.push_back(job),
-                None => return,
-            }
-            // Let the writers woken with this one queue up too (no timer, no wait
-            // when nothing else is runnable).
-            tokio::task::yield_now().await;
-        }
         while pending.len() < MAX_BATCH * 8 {
             match rx.try_recv() {
                 Ok(job) => pending.push_back(job),
                 Err(_) => break,
             }
         }
-        // One write per chat and per id; the rest keep their order for the next round.
-        chats.clear();
-        ids.clear();
-        let mut batch = Vec::with_capacity(pending.len().min(MAX_BATCH));
-        let mut later = VecDeque::new();
-        for job in pending.drain(..) {
-            if batch.len() < MAX_BATCH && !chats.contains(&job.chat) && !ids.contains(&job.row.id) {
-                chats.insert(job.chat.clone());
-                ids.insert(job.row.id.clone());
-                batch.push(job);
-            } else {
-                // A chat seen here keeps all its later writes back too.
-                chats.insert(job.chat.clone());
-                ids.insert(job.row.id.clone());
-                later.push_back(job);
+        if inflight.len() < lanes && !pending.is_empty() {
+            let mut batch = take_batch(&mut pending, &busy_chats, &busy_ids);
+            if !batch.is_empty() {
+                for job in &batch {
+                    busy_chats.insert(job.chat.clone());
+                    busy_ids.insert(job.row.id.clone());
+                }
+                // A stable lock order across batches (Postgres locks the chat rows).
+                batch.sort_by(|a, b| a.chat.cmp(&b.chat));
+                let writer = writer.clone();
+                inflight.push(async move {
+                    write_chunk(&*writer, &mut batch).await;
+                    batch
+                });
+                continue;
             }
         }
-        pending = later;
-        // A stable lock order across batches (Postgres locks the chat rows).
-        batch.sort_by(|a, b| a.chat.cmp(&b.chat));
-        write_chunk(&*writer, &mut batch).await;
+        if !open && inflight.is_empty() && pending.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                for job in done {
+                    busy_chats.remove(&job.chat);
+                    busy_ids.remove(&job.row.id);
+                }
+            }
+            job = rx.recv(), if open => match job {
+                Some(job) => {
+                    pending.push_back(job);
+                    if inflight.is_empty() {
+                        // Let the writers woken with this one queue up too (no
+                        // timer, no wait when nothing else is runnable).
+                        tokio::task::yield_now().await;
+                    }
+                }
+                None => open = false,
+            },
+        }
     }
+}
+
+/// The next batch: at most one write per chat and per id, none of a chat or
+/// id in flight, at most [`MAX_BATCH`]; a chat seen here (taken or not)
+/// keeps all its later writes back, so they stay in order for the next round.
+fn take_batch(
+    pending: &mut VecDeque<Job>,
+    busy_chats: &HashSet<String>,
+    busy_ids: &HashSet<String>,
+) -> Vec<Job> {
+    let mut chats: HashSet<String> = HashSet::new();
+    let mut ids: HashSet<String> = HashSet::new();
+    let mut batch = Vec::with_capacity(pending.len().min(MAX_BATCH));
+    let mut later = VecDeque::new();
+    for job in pending.drain(..) {
+        let free = !busy_chats.contains(&job.chat)
+            && !busy_ids.contains(&job.row.id)
+            && !chats.contains(&job.chat)
+            && !ids.contains(&job.row.id);
+        chats.insert(job.chat.clone());
+        ids.insert(job.row.id.clone());
+        if free && batch.len() < MAX_BATCH {
+            batch.push(job);
+        } else {
+            later.push_back(job);
+        }
+    }
+    *pending = later;
+    batch
 }
 
 /// Writes one chunk and answers its callers. A chunk that wrote fewer rows
@@ -280,6 +336,111 @@ pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records each batch, checks that batches in flight never share a chat
+    /// or an id, and holds each batch long enough for the next to start.
+    struct Recorder {
+        lanes: usize,
+        state: std::sync::Mutex<Recorded>,
+    }
+
+    #[derive(Default)]
+    struct Recorded {
+        /// Rows in the order their batches ended.
+        written: Vec<(String, String)>,
+        inflight: Vec<HashSet<String>>,
+        most_inflight: usize,
+        overlap: bool,
+    }
+
+    #[async_trait]
+    impl RowWriter for Recorder {
+        async fn write_rows(&self, jobs: &[Job]) -> Result<u64, StoreError> {
+            let chats: HashSet<String> = jobs.iter().map(|j| j.chat.clone()).collect();
+            {
+                let mut s = self.state.lock().unwrap();
+                if s.inflight.iter().any(|other| !other.is_disjoint(&chats)) {
+                    s.overlap = true;
+                }
+                s.inflight.push(chats.clone());
+                s.most_inflight = s.most_inflight.max(s.inflight.len());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let mut s = self.state.lock().unwrap();
+            s.inflight.retain(|c| *c != chats);
+            s.written
+                .extend(jobs.iter().map(|j| (j.chat.clone(), j.row.id.clone())));
+            Ok(jobs.len() as u64)
+        }
+
+        async fn owns(&self, _: &UserId, _: &str) -> Result<bool, StoreError> {
+            Ok(true)
+        }
+
+        fn lanes(&self) -> usize {
+            self.lanes
+        }
+    }
+
+    fn row(id: String) -> MessageRow {
+        MessageRow {
+            id,
+            role: "user",
+            content: "[]".into(),
+            metadata: None,
+            status: "complete",
+            finish_reason: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_in_flight_share_no_chat_and_each_chat_keeps_its_order() {
+        for lanes in [1, 2] {
+            let queue = WriteQueue::new(Recorder {
+                lanes,
+                state: std::sync::Mutex::new(Recorded::default()),
+            });
+            let user = UserId::new("alice").unwrap();
+            // 3 rounds of one write to each of 300 chats (more chats than a
+            // batch holds, so a second batch has work while the first is in
+            // flight), then 6 writes in a row to one chat: all queued at once.
+            let mut order: Vec<(String, String)> = Vec::new();
+            for round in 0..3 {
+                for c in 0..300 {
+                    order.push((format!("chat-{c}"), format!("m-{c}-{round}")));
+                }
+            }
+            for i in 0..6 {
+                order.push(("chat-hot".into(), format!("m-hot-{i}")));
+            }
+            let writes = order
+                .iter()
+                .map(|(chat, id)| queue.write(&user, chat.clone(), row(id.clone())));
+            for r in futures::future::join_all(writes).await {
+                r.unwrap();
+            }
+            let s = queue.writer().state.lock().unwrap();
+            assert!(!s.overlap, "two batches in flight shared a chat");
+            assert_eq!(s.most_inflight, lanes, "lanes in use");
+            assert_eq!(s.written.len(), order.len(), "every write once");
+            for chat in order.iter().map(|(c, _)| c) {
+                let want: Vec<&String> = order
+                    .iter()
+                    .filter(|(c, _)| c == chat)
+                    .map(|(_, i)| i)
+                    .collect();
+                let got: Vec<&String> = s
+                    .written
+                    .iter()
+                    .filter(|(c, _)| c == chat)
+                    .map(|(_, i)| i)
+                    .collect();
+                assert_eq!(got, want, "order of {chat} with {lanes} lanes");
+            }
+        }
+    }
 
     #[test]
     fn batches_pad_to_few_statement_sizes() {

@@ -92,5 +92,8 @@ message_store_impl!(
     pool = PgPool,
     greatest = "GREATEST",
     lock = " FOR UPDATE OF c",
-    numbered = true
+    numbered = true,
+    // A batch is formed and sent while the previous one waits for its
+    // commit's fsync (the server flushes both WAL records with one).
+    lanes = 2
 );

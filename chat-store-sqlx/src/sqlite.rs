@@ -174,5 +174,7 @@ message_store_impl!(
     pool = SqlitePool,
     greatest = "MAX",
     lock = "",
-    numbered = false
+    numbered = false,
+    // One writer connection: SQLite takes one write transaction at a time.
+    lanes = 1
 );

@@ -7,7 +7,7 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
 /// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
 /// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
 macro_rules! message_store_impl {
-    ($store:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal) => {
+    ($store:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal, lanes = $lanes:literal) => {
         /// Group commit of message writes over this backend's writer pool.
         #[derive(Debug)]
         pub(crate) struct BatchWriter {
@@ -91,6 +91,10 @@ macro_rules! message_store_impl {
                     .await
                     .map_err($crate::error::map)?;
                 Ok(row.is_some())
+            }
+
+            fn lanes(&self) -> usize {
+                $lanes
             }
         }
 
