@@ -119,11 +119,9 @@ impl History {
         let chunks = Arc::make_mut(&mut self.chunks);
         match chunks.last_mut() {
             Some(last) if last.len() < CHUNK => Arc::make_mut(last).push(slot),
-            _ => {
-                let mut chunk = Vec::with_capacity(CHUNK);
-                chunk.push(slot);
-                chunks.push(Arc::new(chunk));
-            }
+            // Grown as needed, not made 64 long up front: most chats are
+            // short, and a cache of 10,000 of them would hold ~10 MB of room.
+            _ => chunks.push(Arc::new(vec![slot])),
         }
         self.len += 1;
     }
