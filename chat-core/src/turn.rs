@@ -45,7 +45,10 @@ pub struct TurnConfig {
     /// Checkpoint the partial assistant message at most this often. Default 500 ms.
     /// Checkpoints are written off the token path (at most one write in
     /// flight; one falling due meanwhile replaces the pending one), and the
-    /// final write waits for the one in flight, so it always wins.
+    /// final write waits for the one in flight, so it always wins. A turn's
+    /// first checkpoint falls due up to half an interval sooner, by an amount
+    /// drawn from its message id, so turns started together (a burst of
+    /// users, a load test) do not all checkpoint in the same millisecond.
     pub checkpoint_interval: Duration,
     /// A checkpoint due by [`checkpoint_interval`](Self::checkpoint_interval)
     /// also waits until this many model events (tokens) arrived since the
@@ -76,6 +79,16 @@ pub struct TurnConfig {
 }
 
 impl TurnConfig {
+    /// How much sooner than the interval this turn's first checkpoint falls
+    /// due: up to half the interval, drawn from the (random) message id.
+    fn first_checkpoint_head_start(&self, id: &MessageId) -> Duration {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        id.as_str().hash(&mut h);
+        let spread = self.checkpoint_interval / 2;
+        spread.mul_f64((h.finish() % 1024) as f64 / 1024.0)
+    }
+
     /// Whether a checkpoint is due `elapsed` after the last one, with
     /// `events` (at least one) arrived since.
     pub fn checkpoint_due(&self, elapsed: Duration, events: u32) -> bool {
@@ -617,7 +630,9 @@ impl TurnRunner {
         checkpoints: &mut Checkpoints<'_>,
     ) -> End {
         let specs = self.config.tools.specs();
-        let mut last_checkpoint = Instant::now();
+        let mut last_checkpoint = Instant::now()
+            .checked_sub(self.config.first_checkpoint_head_start(&turn.assistant_id))
+            .unwrap_or_else(Instant::now);
         let mut events_since_checkpoint = 0u32;
         for step in 0..self.config.max_steps {
             sink.emit(&UiChunk::StartStep);
@@ -974,6 +989,24 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn first_checkpoints_of_turns_started_together_spread_over_half_an_interval() {
+        let config = TurnConfig::default();
+        let half = config.checkpoint_interval / 2;
+        let starts: Vec<Duration> = (0..200)
+            .map(|_| config.first_checkpoint_head_start(&MessageId::new()))
+            .collect();
+        assert!(starts.iter().all(|s| *s < half), "never more than half");
+        assert!(starts.iter().any(|s| *s < half / 4), "some early");
+        assert!(starts.iter().any(|s| *s > half * 3 / 4), "some late");
+        let id = MessageId::new();
+        assert_eq!(
+            config.first_checkpoint_head_start(&id),
+            config.first_checkpoint_head_start(&id),
+            "the same turn, the same head start"
+        );
+    }
 
     #[test]
     fn a_checkpoint_is_due_by_time_once_enough_events_arrived() {
