@@ -297,9 +297,17 @@ pub(crate) async fn rejected<W: RowWriter>(
 /// `?` in order (SQLite: sqlx looks every named parameter up by index, and
 /// SQLite's lookup walks a list, which is quadratic in a 1,280-parameter
 /// statement).
-pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool) -> String {
+///
+/// With `touch_chats` the statement itself advances each written chat's
+/// `next_seq` and `updated_at` (Postgres: the insert is a data-modifying CTE
+/// and the chats are updated from what it returns, one update per chat per
+/// statement; a PL/pgSQL row trigger cost a function call and an UPDATE per
+/// row); without, the backend's triggers do it (SQLite). Either way the
+/// statement's row count is the number of messages written (one per chat).
+pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool, touch_chats: bool) -> String {
     use std::fmt::Write as _;
-    let mut sql = String::from(
+    let mut sql = String::from(if touch_chats { "WITH written AS (" } else { "" });
+    sql.push_str(
         "INSERT INTO messages (id, chat_id, seq, role, content, metadata, status, \
          finish_reason, created_at, updated_at) \
          SELECT v.column1, c.id, c.next_seq + 1, v.column4, v.column5, v.column6, v.column7, \
@@ -330,6 +338,14 @@ pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool) -> String {
          finish_reason = excluded.finish_reason, updated_at = excluded.updated_at \
          WHERE messages.chat_id = excluded.chat_id"
     );
+    if touch_chats {
+        sql.push_str(
+            " RETURNING chat_id, seq, updated_at) \
+             UPDATE chats c SET next_seq = GREATEST(c.next_seq, w.seq), \
+             updated_at = GREATEST(c.updated_at, w.updated_at) \
+             FROM written w WHERE c.id = w.chat_id",
+        );
+    }
     sql
 }
 
@@ -453,11 +469,11 @@ mod tests {
 
     #[test]
     fn upsert_sql_numbers_every_row() {
-        let sql = upsert_sql(3, "", true);
+        let sql = upsert_sql(3, "", true, true);
         assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10), ($11,"));
         assert!(sql.contains("$30)"));
         assert!(!sql.contains("$31"));
-        let sql = upsert_sql(3, "", false);
+        let sql = upsert_sql(3, "", false, false);
         assert_eq!(sql.matches('?').count(), 30);
         assert!(!sql.contains('$'));
     }

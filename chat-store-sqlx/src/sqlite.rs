@@ -175,6 +175,8 @@ message_store_impl!(
     greatest = "MAX",
     lock = "",
     numbered = false,
+    // The triggers of migration 0002 advance the chat.
+    touch_chats = false,
     // One writer connection: SQLite takes one write transaction at a time.
     lanes = 1
 );

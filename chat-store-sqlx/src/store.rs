@@ -7,7 +7,7 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
 /// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
 /// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
 macro_rules! message_store_impl {
-    ($store:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal, lanes = $lanes:literal) => {
+    ($store:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal) => {
         /// Group commit of message writes over this backend's writer pool.
         #[derive(Debug)]
         pub(crate) struct BatchWriter {
@@ -26,7 +26,7 @@ macro_rules! message_store_impl {
                 let sql = SQL.get_or_init(|| {
                     $crate::batch::CHUNK_SIZES
                         .iter()
-                        .map(|&n| $crate::batch::upsert_sql(n, $lock, $numbered))
+                        .map(|&n| $crate::batch::upsert_sql(n, $lock, $numbered, $touch))
                         .collect()
                 });
                 let at = $crate::batch::CHUNK_SIZES.iter().position(|&n| n == rows)?;
@@ -325,8 +325,9 @@ macro_rules! message_store_impl {
             /// Insert-or-replace-in-place of a message, scoped by user. An
             /// unfenced write goes through the group-commit queue (one
             /// multi-row statement for whatever is queued; see `batch`); the
-            /// `messages_*_touches_chat` triggers advance the chat's sequence
-            /// and activity time in the same statement. An update in place
+            /// chat's sequence and activity time advance in the same
+            /// statement (SQLite: triggers; Postgres: the statement's own
+            /// update of each written chat). An update in place
             /// keeps its seq and created_at. A fenced write first raises the
             /// chat's fence under the chat row's lock, in one transaction.
             async fn upsert(
