@@ -100,6 +100,11 @@ impl History {
         self.iter().map(|m| &m.message)
     }
 
+    /// The hashes of the messages' ids, oldest first (as [`position`](Self::position) uses them).
+    pub(crate) fn id_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.chunks.iter().flat_map(|c| c.iter().map(|(h, _)| *h))
+    }
+
     /// Where the message with this id is, searched from the newest.
     pub fn position(&self, id: &MessageId) -> Option<usize> {
         let hash = id_hash(id);

@@ -209,7 +209,12 @@ impl HistoryCache {
     /// Runs `f` on the shard of `chat` and carries its change of bytes into
     /// the total (the shard stays locked throughout, so the change is exact).
     fn with_shard<R>(&self, chat: &ChatId, f: impl FnOnce(&mut Shard) -> R) -> R {
-        let mut shard = self.shard(chat);
+        self.with_shard_at(self.shard_index(chat), f)
+    }
+
+    /// [`with_shard`](Self::with_shard) for shard `i`.
+    fn with_shard_at<R>(&self, i: usize, f: impl FnOnce(&mut Shard) -> R) -> R {
+        let mut shard = self.lock_shard(i);
         let before = shard.bytes;
         let r = f(&mut shard);
         let after = shard.bytes;
@@ -248,15 +253,12 @@ impl HistoryCache {
             if self.total.load(Ordering::Relaxed) <= target {
                 break;
             }
-            let mut shard = self.lock_shard(i);
-            // Used since the scan: it is no longer among the oldest.
-            if matches!(shard.map.get(&id), Some(Slot::Ready(e)) if e.used == used) {
-                let before = shard.bytes;
-                shard.remove(&id);
-                let freed = before - shard.bytes;
-                drop(shard);
-                self.total.fetch_sub(freed, Ordering::Relaxed);
-            }
+            self.with_shard_at(i, |shard| {
+                // Used since the scan: it is no longer among the oldest.
+                if matches!(shard.map.get(&id), Some(Slot::Ready(e)) if e.used == used) {
+                    shard.remove(&id);
+                }
+            });
         }
     }
 
@@ -297,7 +299,7 @@ impl HistoryCache {
     pub(crate) fn fill(&self, user: &UserId, chat: &ChatId, token: u64, messages: History) {
         let sizes: Vec<usize> = messages.iter().map(|m| approx_size(m)).collect();
         let bytes: usize = sizes.iter().sum();
-        let ids = messages.iter().map(|m| id_hash(&m.message.id)).collect();
+        let ids = messages.id_hashes().collect();
         let now = self.tick();
         let budget = self.budget;
         self.with_shard(chat, |shard| {

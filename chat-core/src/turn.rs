@@ -82,11 +82,8 @@ impl TurnConfig {
     /// How much sooner than the interval this turn's first checkpoint falls
     /// due: up to half the interval, drawn from the (random) message id.
     fn first_checkpoint_head_start(&self, id: &MessageId) -> Duration {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        id.as_str().hash(&mut h);
         let spread = self.checkpoint_interval / 2;
-        spread.mul_f64((h.finish() % 1024) as f64 / 1024.0)
+        spread.mul_f64((crate::history::id_hash(id) % 1024) as f64 / 1024.0)
     }
 
     /// Whether a checkpoint is due `elapsed` after the last one, with
