@@ -101,6 +101,7 @@ impl History {
     }
 
     /// The hashes of the messages' ids, oldest first (as [`position`](Self::position) uses them).
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn id_hashes(&self) -> impl Iterator<Item = u64> + '_ {
         self.chunks.iter().flat_map(|c| c.iter().map(|(h, _)| *h))
     }
