@@ -15,6 +15,11 @@
 #                                   window opens once completions have spread out
 #   WARMUP_HUGE=25                  warmup of cells with >= 10,000 users (an overloaded
 #                                   server's streams take ~20 s there)
+#   WARMUP_PACED=10                 least warmup of cells with a token delay: a stream
+#                                   lasts ~1.3 s there, and users that all started at
+#                                   once post in waves for several stream lengths (a
+#                                   fresh database meets those waves too); 2 s covered
+#                                   ~1.5 of them
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432   a fresh database per cell is made there
 #   THREADS=2                       load generator worker threads
 #   NO_BUILD=1                      reuse target/release binaries
@@ -28,6 +33,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 WARMUP_BIG=${WARMUP_BIG:-10}
 WARMUP_HUGE=${WARMUP_HUGE:-25}
+WARMUP_PACED=${WARMUP_PACED:-10}
 THREADS=${THREADS:-2}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 BIN=target/release
@@ -49,7 +55,7 @@ trap 'rm -rf "$work"' EXIT
   echo "memory: $(free -h | awk '/^Mem:/{print $2}')"
   echo "kernel: $(uname -r)"
   echo "rustc: $(rustc --version)"
-  echo "cell: warmup ${WARMUP}s (${WARMUP_BIG}s from 5,000 users, ${WARMUP_HUGE}s from 10,000), measured ${DURATION}s, load generator threads ${THREADS}"
+  echo "cell: warmup ${WARMUP}s (at least ${WARMUP_PACED}s with a token delay, ${WARMUP_BIG}s from 5,000 users, ${WARMUP_HUGE}s from 10,000), measured ${DURATION}s, load generator threads ${THREADS}"
 } > "$out/machine.txt"
 
 cell=0
@@ -61,6 +67,7 @@ for delay in $DELAYS; do
       warm=$WARMUP
       if (( c >= 5000 )); then warm=$WARMUP_BIG; fi
       if (( c >= 10000 )); then warm=$WARMUP_HUGE; fi
+      if (( delay > 0 && warm < WARMUP_PACED )); then warm=$WARMUP_PACED; fi
       common=(--concurrency "$c" --duration "$DURATION" --warmup "$warm" --threads "$THREADS"
         --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --json "$out/$name.json")
       export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
