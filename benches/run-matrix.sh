@@ -8,6 +8,7 @@
 # Environment (all optional):
 #   DELAYS="0 20"                   token delays, ms
 #   CONCURRENCY="50 500 5000 10000" virtual users
+#   CELLS="0:50 20:500"             delay:users pairs to run instead of DELAYS x CONCURRENCY
 #   TARGETS="ceiling sqlite postgres"
 #   DURATION=10 WARMUP=2            seconds per cell (measured / not measured)
 #   WARMUP_BIG=10                   warmup of cells with >= 5,000 users: all users start
@@ -20,6 +21,11 @@
 #                                   once post in waves for several stream lengths (a
 #                                   fresh database meets those waves too); 2 s covered
 #                                   ~1.5 of them
+#   REPEAT=1                        runs of each cell; the targets of a cell take turns
+#                                   (ceiling, sqlite, postgres, ceiling, ...), each ratio
+#                                   is taken against the ceiling run just before, and the
+#                                   report gives the median (this machine's speed drifts
+#                                   by 10-20% over minutes)
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432   a fresh database per cell is made there
 #   THREADS=2                       load generator worker threads
 #   NO_BUILD=1                      reuse target/release binaries
@@ -35,6 +41,7 @@ WARMUP_BIG=${WARMUP_BIG:-10}
 WARMUP_HUGE=${WARMUP_HUGE:-25}
 WARMUP_PACED=${WARMUP_PACED:-10}
 THREADS=${THREADS:-2}
+REPEAT=${REPEAT:-1}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 BIN=target/release
 
@@ -55,21 +62,29 @@ trap 'rm -rf "$work"' EXIT
   echo "memory: $(free -h | awk '/^Mem:/{print $2}')"
   echo "kernel: $(uname -r)"
   echo "rustc: $(rustc --version)"
+  echo "repeats: ${REPEAT} per cell, interleaved"
   echo "cell: warmup ${WARMUP}s (at least ${WARMUP_PACED}s with a token delay, ${WARMUP_BIG}s from 5,000 users, ${WARMUP_HUGE}s from 10,000), measured ${DURATION}s, load generator threads ${THREADS}"
 } > "$out/machine.txt"
 
+if [[ -z "${CELLS:-}" ]]; then
+  CELLS=$(for d in $DELAYS; do for c in $CONCURRENCY; do printf '%s:%s ' "$d" "$c"; done; done)
+fi
+
 cell=0
-for delay in $DELAYS; do
-  for c in $CONCURRENCY; do
+for pair in $CELLS; do
+  delay=${pair%%:*} c=${pair##*:}
+  for rep in $(seq 1 "$REPEAT"); do
     for target in $TARGETS; do
       cell=$((cell + 1))
       name="d${delay}-c${c}-${target}"
+      file=$name
+      if (( REPEAT > 1 )); then file="$name.r$rep"; fi
       warm=$WARMUP
       if (( c >= 5000 )); then warm=$WARMUP_BIG; fi
       if (( c >= 10000 )); then warm=$WARMUP_HUGE; fi
       if (( delay > 0 && warm < WARMUP_PACED )); then warm=$WARMUP_PACED; fi
       common=(--concurrency "$c" --duration "$DURATION" --warmup "$warm" --threads "$THREADS"
-        --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --json "$out/$name.json")
+        --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --tag "repeat=$rep" --json "$out/$file.json")
       export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
       export AUTH=dev-header MODEL=demo SHUTDOWN_GRACE_MS=1000
       case $target in
