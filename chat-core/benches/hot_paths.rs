@@ -1,11 +1,13 @@
-//! Hot paths of chat-core: SSE chunk encoding and a whole turn through the
-//! state machine (InMemoryStore + DemoModel with no delay).
+//! Hot paths of chat-core: SSE chunk encoding, a whole turn through the
+//! state machine (InMemoryStore + DemoModel with no delay), and the lookup
+//! of a message id in a long chat's history (done once per turn).
 
 use std::sync::Arc;
 
 use chat_core::{
-    ChatId, ChatSession, DemoModel, InMemoryStore, LocalSessions, MessageId, MessageStore, NewChat,
-    SendRequest, SseEncoder, TurnConfig, TurnRunner, UiChunk, UiMessage, UserId,
+    ChatId, ChatSession, DemoModel, History, InMemoryStore, LocalSessions, MessageId,
+    MessageStatus, MessageStore, NewChat, SendRequest, SseEncoder, StoredMessage, TurnConfig,
+    TurnRunner, UiChunk, UiMessage, UserId,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
@@ -127,5 +129,29 @@ fn turn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode, turn);
+/// Each turn looks its user message's id up in the chat's history (a retry
+/// reuses the id); a new id is the common case and used to scan every message.
+fn history_lookup(c: &mut Criterion) {
+    let history: History = (0..2_000)
+        .map(|i| StoredMessage {
+            message: UiMessage::user_text(MessageId::new(), format!("m{i}")),
+            created_at: i,
+            updated_at: i,
+            status: MessageStatus::Complete,
+        })
+        .collect();
+    let newest = history.last().unwrap().message.id.clone();
+    let fresh = MessageId::new();
+    let mut g = c.benchmark_group("history_2000_messages");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("position_of_a_new_id", |b| {
+        b.iter(|| std::hint::black_box(history.position(std::hint::black_box(&fresh))));
+    });
+    g.bench_function("position_of_the_newest", |b| {
+        b.iter(|| std::hint::black_box(history.position(std::hint::black_box(&newest))));
+    });
+    g.finish();
+}
+
+criterion_group!(benches, encode, turn, history_lookup);
 criterion_main!(benches);
