@@ -69,6 +69,79 @@ pub(crate) trait RowWriter: Send + Sync + 'static {
     fn lanes(&self) -> usize {
         1
     }
+
+    /// Nothing is queued or in flight: give back any connection kept
+    /// between batches (see [`HeldConnections`]).
+    fn idle(&self) {}
+}
+
+/// How long a batch writer keeps one pool connection across back-to-back
+/// batches before it gives the connection back, so the pool's other users
+/// (chat creation, renames, deletes; on SQLite the one writer connection is
+/// all there is) wait for at most this plus one batch.
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Pool connections a batch writer keeps while writes keep coming. Giving a
+/// connection back to a sqlx pool spawns a task that pings it (a round trip
+/// to SQLite's connection thread or to the Postgres server) before anyone may
+/// take it again; with one writer connection that round trip sat between
+/// every two batches, on the path every message write waits for.
+pub(crate) struct HeldConnections<DB: sqlx::Database> {
+    conns: std::sync::Mutex<Vec<(sqlx::pool::PoolConnection<DB>, std::time::Instant)>>,
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for HeldConnections<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldConnections").finish_non_exhaustive()
+    }
+}
+
+impl<DB: sqlx::Database> Default for HeldConnections<DB> {
+    fn default() -> Self {
+        Self {
+            conns: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<DB: sqlx::Database> HeldConnections<DB> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<(sqlx::pool::PoolConnection<DB>, std::time::Instant)>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A held connection and when it was taken from the pool, else a new one.
+    pub(crate) async fn take(
+        &self,
+        pool: &sqlx::Pool<DB>,
+    ) -> Result<(sqlx::pool::PoolConnection<DB>, std::time::Instant), StoreError> {
+        let held = self.lock().pop();
+        match held {
+            Some(c) => Ok(c),
+            None => Ok((
+                pool.acquire().await.map_err(crate::error::map)?,
+                std::time::Instant::now(),
+            )),
+        }
+    }
+
+    /// Keeps `conn` for the next batch, or gives it back once it was held
+    /// [`HOLD_AT_MOST`]. Only a connection whose last statement succeeded
+    /// should come here; after an error the pool's own check should see it.
+    pub(crate) fn keep(&self, conn: sqlx::pool::PoolConnection<DB>, since: std::time::Instant) {
+        if since.elapsed() < HOLD_AT_MOST {
+            self.lock().push((conn, since));
+        }
+    }
+
+    /// Gives every held connection back to the pool.
+    pub(crate) fn release(&self) {
+        let conns = std::mem::take(&mut *self.lock());
+        drop(conns);
+    }
 }
 
 /// The queue in front of the writer task, started on first use (so a store
@@ -174,8 +247,11 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
                 continue;
             }
         }
-        if !open && inflight.is_empty() && pending.is_empty() {
-            return;
+        if inflight.is_empty() && pending.is_empty() {
+            writer.idle();
+            if !open {
+                return;
+            }
         }
         tokio::select! {
             Some(done) = inflight.next(), if !inflight.is_empty() => {

@@ -89,6 +89,7 @@ impl PostgresStore {
 
 message_store_impl!(
     PostgresStore,
+    db = sqlx::Postgres,
     pool = PgPool,
     greatest = "GREATEST",
     lock = " FOR UPDATE OF c",

@@ -171,6 +171,7 @@ impl SqliteStore {
 
 message_store_impl!(
     SqliteStore,
+    db = sqlx::Sqlite,
     pool = SqlitePool,
     greatest = "MAX",
     lock = "",

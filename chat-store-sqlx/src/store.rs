@@ -7,17 +7,21 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
 /// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
 /// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
 macro_rules! message_store_impl {
-    ($store:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal) => {
+    ($store:ty, db = $db:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal) => {
         /// Group commit of message writes over this backend's writer pool.
         #[derive(Debug)]
         pub(crate) struct BatchWriter {
             pool: $pool,
+            held: $crate::batch::HeldConnections<$db>,
         }
 
         impl BatchWriter {
             /// A batch writer on `pool`.
             pub(crate) fn new(pool: $pool) -> Self {
-                Self { pool }
+                Self {
+                    pool,
+                    held: $crate::batch::HeldConnections::default(),
+                }
             }
 
             /// The upsert statement for `rows` rows (one of `CHUNK_SIZES`), built once.
@@ -75,7 +79,9 @@ macro_rules! message_store_impl {
                         .bind(0_i64)
                         .bind(0_i64);
                 }
-                let done = q.execute(&self.pool).await.map_err($crate::error::map)?;
+                let (mut conn, since) = self.held.take(&self.pool).await?;
+                let done = q.execute(&mut *conn).await.map_err($crate::error::map)?;
+                self.held.keep(conn, since);
                 Ok(done.rows_affected())
             }
 
@@ -84,6 +90,8 @@ macro_rules! message_store_impl {
                 user: &chat_core::UserId,
                 chat: &str,
             ) -> Result<bool, chat_core::StoreError> {
+                // SQLite's writer pool is one connection: the one this writer may hold.
+                self.held.release();
                 let row = sqlx::query("SELECT 1 AS one FROM chats WHERE id = $1 AND user_id = $2")
                     .bind(chat)
                     .bind(user.as_str())
@@ -95,6 +103,10 @@ macro_rules! message_store_impl {
 
             fn lanes(&self) -> usize {
                 $lanes
+            }
+
+            fn idle(&self) {
+                self.held.release();
             }
         }
 
