@@ -127,6 +127,78 @@ async fn postgres_many_concurrent_writers() {
     pg.cleanup().await;
 }
 
+/// The batch writer keeps SQLite's one writer connection while message
+/// writes keep coming, but gives it back in turn: chats get created in the
+/// middle of a long burst of writes (not after it), every write lands, and
+/// the store closes right after (nothing is left holding a connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writer_connection_is_shared_during_a_burst_of_message_writes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CHATS: usize = 16;
+    const PER_CHAT: usize = 400;
+    let (store, _dir, _) = common::sqlite_file().await;
+    let store = Arc::new(store);
+    let u = user("busy");
+    let mut chats = Vec::new();
+    for _ in 0..CHATS {
+        chats.push(new_chat(&*store, &u).await);
+    }
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut burst = tokio::task::JoinSet::new();
+    // Four writers per chat: a batch takes one write per chat, so the others'
+    // are queued and the writer does not run out of work mid-burst.
+    for k in 0..4 * CHATS {
+        let chat = chats[k % CHATS];
+        let (store, u, written) = (store.clone(), u.clone(), written.clone());
+        burst.spawn(async move {
+            for i in 0..PER_CHAT / 4 {
+                let msg = UiMessage::user_text(MessageId::new(), format!("m{i}"));
+                store.upsert_message(&u, &chat, &stored(msg, 1)).await?;
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, StoreError>(())
+        });
+    }
+    while written.load(Ordering::Relaxed) < CHATS * 10 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let created = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..5 {
+            new_chat(&*store, &u).await;
+        }
+    })
+    .await;
+    assert!(
+        created.is_ok(),
+        "chat creation never got the writer connection"
+    );
+    let at_creation = written.load(Ordering::Relaxed);
+    assert!(
+        at_creation < CHATS * PER_CHAT,
+        "chats were created only after the whole burst ({at_creation} writes)"
+    );
+    while let Some(r) = burst.join_next().await {
+        r.unwrap().unwrap();
+    }
+    for chat in &chats {
+        assert_eq!(store.load_messages(&u, chat).await.unwrap().len(), PER_CHAT);
+    }
+    let page = store
+        .list_chats(
+            &u,
+            PageRequest {
+                limit: 50,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.chats.len(), CHATS + 5);
+    tokio::time::timeout(Duration::from_secs(30), store.close())
+        .await
+        .expect("the store closes once the writes are done");
+}
+
 async fn many_concurrent_writers(store: Arc<dyn MessageStore>) {
     let u = user("w");
     let hot = new_chat(&*store, &u).await;
