@@ -90,10 +90,15 @@ for c in cells:
 checks = []
 
 
+def over_repeats(median, ratios, unit=""):
+    """A median ratio with the per-repeat ones it came from."""
+    return f"median {median:.2f}{unit} over {len(ratios)} repeats ({', '.join(f'{x:.2f}' for x in ratios)})"
+
+
 def ratio_detail(c):
     rs = c["ratios_to_ceiling"]
     if len(rs) > 1:
-        return f"median {c['ratio_to_ceiling']:.2f} over {len(rs)} repeats ({', '.join(f'{x:.2f}' for x in rs)})"
+        return over_repeats(c["ratio_to_ceiling"], rs)
     return f"{c['ratio_to_ceiling']:.2f}"
 
 
@@ -115,8 +120,7 @@ for t in ("sqlite", "postgres"):
     if c and ceiling(c) and c["ttft_p99_ratio"]:
         r = c["ttft_p99_ratio"]
         if c["repeats"] > 1:
-            detail = (f"median {r:.2f}x over {len(c['ttft_p99_ratios'])} repeats "
-                      f"({', '.join(f'{x:.2f}' for x in c['ttft_p99_ratios'])})")
+            detail = over_repeats(r, c["ttft_p99_ratios"], "x")
         else:
             detail = f"{c['ttft_ms']['p99']} ms vs {ceiling(c)['ttft_ms']['p99']} ms ({r:.2f}x)"
         check(f"{t}: 20 ms / 500 clients TTFT p99 <= 1.2x ceiling's", r <= 1.2, detail)

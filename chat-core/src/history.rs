@@ -36,9 +36,9 @@ impl Chunk {
         [(a / 64, 1 << (a % 64)), (b / 64, 1 << (b % 64))]
     }
 
-    fn mark(&mut self, hash: u64) {
+    fn mark(filter: &mut [u64; 8], hash: u64) {
         for (w, m) in Self::bits(hash) {
-            self.filter[w] |= m;
+            filter[w] |= m;
         }
     }
 
@@ -49,16 +49,17 @@ impl Chunk {
     }
 
     fn push(&mut self, slot: Slot) {
-        self.mark(slot.0);
+        Self::mark(&mut self.filter, slot.0);
         self.slots.push(slot);
     }
 
     /// Rebuilds the filter from the slots (after a truncation or a replacement).
     fn refilter(&mut self) {
-        self.filter = [0; 8];
-        for i in 0..self.slots.len() {
-            self.mark(self.slots[i].0);
+        let mut filter = [0; 8];
+        for (hash, _) in &self.slots {
+            Self::mark(&mut filter, *hash);
         }
+        self.filter = filter;
     }
 }
 

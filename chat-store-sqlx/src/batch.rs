@@ -197,6 +197,8 @@ impl<W: RowWriter> WriteQueue<W> {
             tracing::debug!("store writer task gone; writing without batching");
             let mut jobs = [job];
             write_chunk(&*self.writer, &mut jobs).await;
+            // No writer loop goes idle after this write to give its connection back.
+            self.writer.idle();
         }
         answer.await.unwrap_or_else(|_| {
             Err(StoreError::unavailable(
