@@ -29,9 +29,42 @@ struct Frames {
     ends: Vec<(u32, u32)>,
     closed: bool,
     /// Followers waiting for the next frame (woken and cleared on each push).
-    followers: Vec<Waker>,
+    followers: Wakers,
     /// Waiting in [`TurnBuffer::closed`] (woken on close only).
-    close_waiters: Vec<Waker>,
+    close_waiters: Wakers,
+}
+
+/// Tasks to wake, the first kept inline: a turn almost always has exactly
+/// one follower (its POST response), and a push then touches no list on the heap.
+#[derive(Debug, Default)]
+struct Wakers {
+    first: Option<Waker>,
+    rest: Vec<Waker>,
+}
+
+impl Wakers {
+    /// Adds `waker` unless it is there already.
+    fn register(&mut self, waker: &Waker) {
+        match &self.first {
+            None => self.first = Some(waker.clone()),
+            Some(w) if w.will_wake(waker) => {}
+            Some(_) => {
+                if !self.rest.iter().any(|w| w.will_wake(waker)) {
+                    self.rest.push(waker.clone());
+                }
+            }
+        }
+    }
+
+    /// Wakes and forgets every waker (the list keeps its room).
+    fn wake_all(&mut self) {
+        if let Some(w) = self.first.take() {
+            w.wake();
+        }
+        if !self.rest.is_empty() {
+            self.rest.drain(..).for_each(Waker::wake);
+        }
+    }
 }
 
 impl Frames {
@@ -118,8 +151,8 @@ impl TurnBuffer {
         s.room(need);
         write(&mut s.open);
         s.end_frame();
-        // Waking only schedules the follower; draining keeps the list's room.
-        s.followers.drain(..).for_each(Waker::wake);
+        // Waking only schedules the follower.
+        s.followers.wake_all();
     }
 
     /// Appends the final `[DONE]` frame and ends every follower's stream after it.
@@ -133,8 +166,8 @@ impl TurnBuffer {
         s.open.extend_from_slice(&done);
         s.closed = true;
         s.end_frame();
-        s.followers.drain(..).for_each(Waker::wake);
-        s.close_waiters.drain(..).for_each(Waker::wake);
+        s.followers.wake_all();
+        s.close_waiters.wake_all();
     }
 
     /// Whether the turn has ended.
@@ -159,7 +192,7 @@ impl TurnBuffer {
             if s.closed {
                 return Poll::Ready(());
             }
-            register(&mut s.close_waiters, cx.waker());
+            s.close_waiters.register(cx.waker());
             Poll::Pending
         })
         .await;
@@ -168,13 +201,6 @@ impl TurnBuffer {
     /// A stream of every frame from the first, then live, ending after `[DONE]`.
     pub fn follow(self: Arc<Self>) -> BoxStream<'static, Bytes> {
         Box::pin(Follower { buf: self, pos: 0 })
-    }
-}
-
-/// Adds `waker` to `list` unless it is there already.
-fn register(list: &mut Vec<Waker>, waker: &Waker) {
-    if !list.iter().any(|w| w.will_wake(waker)) {
-        list.push(waker.clone());
     }
 }
 
@@ -198,7 +224,7 @@ impl Stream for Follower {
         if s.closed {
             return Poll::Ready(None);
         }
-        register(&mut s.followers, cx.waker());
+        s.followers.register(cx.waker());
         Poll::Pending
     }
 }

@@ -2,6 +2,9 @@
 //! `nest`, wrap it in your own layers, plug your own [`Authenticator`](crate::Authenticator).
 
 use std::convert::Infallible;
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -12,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chat_core::{TurnStream, UI_STREAM_HEADERS, UserId};
-use futures::StreamExt;
 use tower_http::cors::CorsLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use tracing::Instrument as _;
 use utoipa::OpenApi;
 
 use crate::dto::{
@@ -122,70 +125,107 @@ fn chat_id(raw: &str) -> Result<chat_core::ChatId, ApiError> {
 }
 
 fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Response {
-    let frames = turn.frames;
-    let body = match keep_alive {
-        None => Body::from_stream(frames.map(Ok::<_, Infallible>)),
-        Some(every) => Body::from_stream(with_keep_alive(frames, every).map(Ok::<_, Infallible>)),
-    };
-    let mut res = Response::new(body);
+    let mut res = Response::new(Body::new(SseBody::new(turn.frames, keep_alive)));
     for (k, v) in UI_STREAM_HEADERS {
         res.headers_mut().insert(k, HeaderValue::from_static(v));
     }
     res
 }
 
-/// Inserts `: keep-alive` comment frames while the stream is silent (SSE
-/// parsers, the AI SDK's included, ignore comments).
-fn with_keep_alive(
+/// The response body of a stream: the turn's frames, plus a `: keep-alive`
+/// comment once two ticks (half the keep-alive period each) passed without a
+/// frame (SSE parsers, the AI SDK's included, ignore comments).
+///
+/// One timer per stream, not a timeout per frame; and the timer is left alone
+/// while it cannot be due: the body goes pending once per token, and polling
+/// the timer there re-registered the task's waker with it every time.
+struct SseBody {
     frames: chat_core::BoxStream<'static, Bytes>,
-    every: Duration,
-) -> impl futures::Stream<Item = Bytes> + Send {
-    // One timer per stream ticking every half period, not a timeout per
-    // frame (a timer-wheel insert and removal for every token).
-    let half = (every / 2).max(Duration::from_millis(1));
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    KeepAlive {
-        frames,
-        ticks,
-        idle_ticks: 0,
-    }
+    keep_alive: Option<KeepAlive>,
 }
 
-/// A stream's frames plus a comment once two ticks (at most `every`) passed
-/// without one.
+/// The keep-alive timer of an [`SseBody`].
 struct KeepAlive {
-    frames: chat_core::BoxStream<'static, Bytes>,
-    ticks: tokio::time::Interval,
+    /// Half the keep-alive period.
+    tick: Duration,
+    /// Fires at `due`.
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// When `sleep` fires (kept here so checking it touches no timer state).
+    due: tokio::time::Instant,
+    /// The waker `sleep` was last polled with (`None`: poll it next time).
+    armed_for: Option<Waker>,
     /// Ticks since the last frame.
     idle_ticks: u8,
 }
 
-impl futures::Stream for KeepAlive {
-    type Item = Bytes;
+impl SseBody {
+    fn new(frames: chat_core::BoxStream<'static, Bytes>, every: Option<Duration>) -> Self {
+        let keep_alive = every.map(|every| {
+            let tick = (every / 2).max(Duration::from_millis(1));
+            let due = tokio::time::Instant::now() + tick;
+            KeepAlive {
+                tick,
+                sleep: Box::pin(tokio::time::sleep_until(due)),
+                due,
+                armed_for: None,
+                idle_ticks: 0,
+            }
+        });
+        Self { frames, keep_alive }
+    }
+}
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Bytes>> {
-        use std::task::Poll;
+impl KeepAlive {
+    /// `Ready` when a comment is due; otherwise the timer wakes `cx` at its next tick.
+    fn poll_comment(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let armed = self
+            .armed_for
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if armed && tokio::time::Instant::now() < self.due {
+            return Poll::Pending;
+        }
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            // A late tick counts once, and the next is a full tick after it.
+            self.due = tokio::time::Instant::now() + self.tick;
+            self.sleep.as_mut().reset(self.due);
+            self.idle_ticks += 1;
+            if self.idle_ticks >= 2 {
+                self.idle_ticks = 0;
+                self.armed_for = None;
+                return Poll::Ready(());
+            }
+        }
+        self.armed_for = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl axum::body::HttpBody for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
         match this.frames.as_mut().poll_next(cx) {
             Poll::Ready(Some(f)) => {
-                this.idle_ticks = 0;
-                return Poll::Ready(Some(f));
+                if let Some(k) = &mut this.keep_alive {
+                    k.idle_ticks = 0;
+                }
+                return Poll::Ready(Some(Ok(http_body::Frame::data(f))));
             }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }
-        while this.ticks.poll_tick(cx).is_ready() {
-            this.idle_ticks += 1;
-            if this.idle_ticks >= 2 {
-                this.idle_ticks = 0;
-                return Poll::Ready(Some(Bytes::from_static(b": keep-alive\n\n")));
-            }
+        match this.keep_alive.as_mut().map(|k| k.poll_comment(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Some(Ok(http_body::Frame::data(
+                Bytes::from_static(b": keep-alive\n\n"),
+            )))),
+            _ => Poll::Pending,
         }
-        Poll::Pending
     }
 }
 
@@ -340,6 +380,29 @@ pub async fn not_found() -> ApiError {
 )]
 pub struct ApiDoc;
 
+/// What `TraceLayer::new_for_http()` records for a request (a `request`
+/// span, debug events when it starts and when its response starts), without
+/// wrapping the response body.
+async fn trace_stream_request(req: Request, next: axum::middleware::Next) -> Response {
+    let span = tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), version = ?req.version());
+    async move {
+        let started = std::time::Instant::now();
+        tracing::debug!("started processing request");
+        let res = next.run(req).await;
+        tracing::debug!(
+            status = res.status().as_u16(),
+            latency_ms = started.elapsed().as_millis(),
+            "finished processing request; the stream follows"
+        );
+        if res.status().is_server_error() {
+            tracing::error!(status = res.status().as_u16(), "response failed");
+        }
+        res
+    }
+    .instrument(span)
+    .await
+}
+
 /// The whole contract with default options.
 pub fn router(service: ChatService) -> Router {
     router_with(service, RouterOptions::default())
@@ -363,16 +426,21 @@ pub fn router_with(service: ChatService, options: RouterOptions) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             options.request_timeout,
         ));
+    let json = json
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
+        .layer(TraceLayer::new_for_http());
+    // Streams get the same request span and events but no body wrapper: the
+    // trace layer's body stood between hyper and every token's frame (the
+    // turn logs how it ended).
     let streams = Router::new()
         .route("/api/chat/{chat_id}/messages", post(send))
-        .route("/api/chat/{chat_id}/stream", get(resume));
+        .route("/api/chat/{chat_id}/stream", get(resume))
+        .layer(axum::middleware::from_fn(trace_stream_request));
     let mut app = Router::new()
         .merge(json)
         .merge(streams)
-        .route("/healthz", get(healthz))
-        .route("/openapi.json", get(openapi_json))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
         .with_state(state);
     if let Some(cors) = options.cors {
         app = app.layer(cors);
