@@ -346,10 +346,9 @@ impl ChatSession for LocalSessions {
             // runs the turn, which then ends at once as aborted.
             let _permit = inner.admit(&task_turn.cancel).await;
             let mut sink = BufferSink::new(task_turn.buffer.clone());
-            let outcome = inner
-                .runner
-                .run(prepared, &mut sink, &task_turn.cancel)
-                .await;
+            // Boxed once admitted: a turn queued for admission holds a few
+            // hundred bytes, not the ~2 KB of the running turn's state.
+            let outcome = Box::pin(inner.runner.run(prepared, &mut sink, &task_turn.cancel)).await;
             tracing::debug!(chat_id = %chat_key, reason = outcome.reason.as_str(),
                 stored = outcome.stored, "turn ended");
             if !outcome.stored {
