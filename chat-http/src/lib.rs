@@ -13,7 +13,8 @@
 //! let service = ChatService::new(store, sessions, Arc::new(DevHeaderAuth::new()));
 //! let app = axum::Router::new().merge(chat_http::axum::router(service));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app).await?;
+//! // axum::serve works too; this one holds each connection's read buffer to 8 KiB.
+//! chat_http::axum::serve(listener, app, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]

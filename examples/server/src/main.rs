@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::response::Html;
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use chat_core::{DemoModel, MessageStore, ModelProvider, TurnConfig};
 use chat_http::axum::RouterOptions;
 use chat_http::{Authenticator, ChatService, DevHeaderAuth, JwtAuth};
@@ -209,30 +208,23 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Machine-readable for scripts and tests (PORT=0 picks a free port).
     println!("listening on http://{addr}");
-    // Each SSE frame is small: without NODELAY it waits on Nagle + delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     tracing::info!(url = %format!("http://{addr}"), model = model.name(), "chat server listening");
     let grace = Duration::from_millis(settings.shutdown_grace_ms);
     // `serve(listener, app)` would call `Router::with_state` for every
     // accepted connection, which rebuilds the route table (~4.6 KB per
-    // connection, 46 MB at 10,000 clients). Finishing the router once and
-    // serving it through `into_make_service` hands each connection a clone
-    // of the same `Arc`ed table.
+    // connection, 46 MB at 10,000 clients); a finished router is one
+    // `Arc`ed table each connection clones. chat-http's `serve` also keeps
+    // each connection's read buffer at 8 KiB and sets TCP_NODELAY.
     let app = app.with_state(());
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!(
-                running = sessions.running(),
-                "shutting down: letting running answers finish"
-            );
-            sessions.shutdown(grace).await;
-        })
-        .await?;
+    chat_http::axum::serve(listener, app, async move {
+        shutdown_signal().await;
+        tracing::info!(
+            running = sessions.running(),
+            "shutting down: letting running answers finish"
+        );
+        sessions.shutdown(grace).await;
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
