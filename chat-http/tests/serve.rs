@@ -52,6 +52,23 @@ async fn start(app: axum::Router, options: ServeOptions) -> Served {
     }
 }
 
+/// Waits (at most 10 s) for a server's `serve` to return, and checks it returned `Ok`.
+async fn ended(done: tokio::task::JoinHandle<std::io::Result<()>>) {
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// Creates a chat for `u1` over `conn`; its id.
+async fn create_chat(conn: &mut TcpStream) -> String {
+    let (status, body) = request(conn, "POST /api/chat HTTP/1.1\r\nx-user-id: u1", "").await;
+    assert_eq!(status, 200, "{body}");
+    let chat: serde_json::Value = serde_json::from_str(&body).unwrap();
+    chat["chatId"].as_str().unwrap().to_owned()
+}
+
 /// One HTTP/1.1 response read off `conn`: status and body (content-length
 /// or chunked; chunk framing left in, the SSE parser only needs the data).
 async fn read_response(conn: &mut TcpStream) -> (u16, String) {
@@ -80,12 +97,28 @@ async fn read_response(conn: &mut TcpStream) -> (u16, String) {
     }
 }
 
-async fn request(conn: &mut TcpStream, head: &str, body: &str) -> (u16, String) {
-    let req = format!(
+/// The user message every test sends.
+const HI: &str = r#"{"message":{"id":"m1","role":"user","parts":[{"type":"text","text":"hi"}]}}"#;
+
+/// The head of `u1`'s send to chat `id`.
+fn post_message(id: &str) -> String {
+    format!(
+        "POST /api/chat/{id}/messages HTTP/1.1\r\nx-user-id: u1\r\ncontent-type: application/json"
+    )
+}
+
+/// A whole HTTP/1.1 request: `head` (request line and headers) plus `body`.
+fn http_request(head: &str, body: &str) -> String {
+    format!(
         "{head}\r\nhost: test\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
+    )
+}
+
+async fn request(conn: &mut TcpStream, head: &str, body: &str) -> (u16, String) {
+    conn.write_all(http_request(head, body).as_bytes())
+        .await
+        .unwrap();
     read_response(conn).await
 }
 
@@ -108,15 +141,8 @@ fn unchunk(body: &str) -> Vec<u8> {
 async fn one_connection_carries_a_chat_and_its_stream_and_a_big_head_gets_431() {
     let mut served = start(app(5, 0), ServeOptions::default()).await;
     let mut conn = TcpStream::connect(served.addr).await.unwrap();
-    let (status, body) = request(&mut conn, "POST /api/chat HTTP/1.1\r\nx-user-id: u1", "").await;
-    assert_eq!(status, 200, "{body}");
-    let chat: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let id = chat["chatId"].as_str().unwrap();
-    let msg = r#"{"message":{"id":"m1","role":"user","parts":[{"type":"text","text":"hi"}]}}"#;
-    let head = format!(
-        "POST /api/chat/{id}/messages HTTP/1.1\r\nx-user-id: u1\r\ncontent-type: application/json"
-    );
-    let (status, body) = request(&mut conn, &head, msg).await;
+    let id = create_chat(&mut conn).await;
+    let (status, body) = request(&mut conn, &post_message(&id), HI).await;
     assert_eq!(status, 200, "{body}");
     let (chunks, done) = parse_sse(&unchunk(&body)).unwrap();
     assert!(done, "{body}");
@@ -142,26 +168,17 @@ async fn one_connection_carries_a_chat_and_its_stream_and_a_big_head_gets_431() 
 
     served.stop.take().unwrap().send(()).unwrap();
     drop(conn);
-    tokio::time::timeout(Duration::from_secs(10), served.done)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    ended(served.done).await;
 }
 
 #[tokio::test]
 async fn shutdown_stops_accepting_and_lets_a_running_stream_finish() {
     let mut served = start(app(20, 25), ServeOptions::default()).await;
     let mut conn = TcpStream::connect(served.addr).await.unwrap();
-    let (_, body) = request(&mut conn, "POST /api/chat HTTP/1.1\r\nx-user-id: u1", "").await;
-    let chat: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let id = chat["chatId"].as_str().unwrap();
-    let msg = r#"{"message":{"id":"m1","role":"user","parts":[{"type":"text","text":"hi"}]}}"#;
-    let req = format!(
-        "POST /api/chat/{id}/messages HTTP/1.1\r\nhost: t\r\nx-user-id: u1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{msg}",
-        msg.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
+    let id = create_chat(&mut conn).await;
+    conn.write_all(http_request(&post_message(&id), HI).as_bytes())
+        .await
+        .unwrap();
     // The stream has started (20 tokens 25 ms apart: ~500 ms to go).
     let mut first = [0u8; 64];
     let n = conn.read(&mut first).await.unwrap();
@@ -179,11 +196,7 @@ async fn shutdown_stops_accepting_and_lets_a_running_stream_finish() {
     let text = String::from_utf8_lossy(&rest);
     assert!(text.contains("tok19 "), "{text}");
     assert!(text.contains("data: [DONE]"), "{text}");
-    tokio::time::timeout(Duration::from_secs(10), served.done)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    ended(served.done).await;
 }
 
 #[tokio::test]
@@ -199,9 +212,5 @@ async fn serve_is_serve_with_the_defaults() {
     assert_eq!(status, 200, "{body}");
     stop.send(()).unwrap();
     drop(conn);
-    tokio::time::timeout(Duration::from_secs(10), done)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    ended(done).await;
 }
