@@ -265,9 +265,15 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
             job = rx.recv(), if open => match job {
                 Some(job) => {
                     pending.push_back(job);
-                    if inflight.is_empty() {
-                        // Let the writers woken with this one queue up too (no
-                        // timer, no wait when nothing else is runnable).
+                    if inflight.is_empty() && lanes == 1 {
+                        // One writer: let the writers woken with this one
+                        // queue up too (no timer, no wait when nothing else is
+                        // runnable). With lanes to spare, a write goes out at
+                        // once and later ones take the next lane: the yield
+                        // put each idle-time write behind every runnable task
+                        // (Postgres 20 ms / 500 clients, seven pairs: TTFT p50
+                        // median 24.0 -> 23.3 ms, lower in six; p99 median
+                        // 31.5 -> 30.2 ms; streams/s unchanged).
                         tokio::task::yield_now().await;
                     }
                 }
