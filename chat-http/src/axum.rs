@@ -454,7 +454,8 @@ pub fn router_with(service: ChatService, options: RouterOptions) -> Router {
 pub struct ServeOptions {
     /// Most bytes a request's head (request line and headers) may take; a
     /// larger head is answered `431`. It is also the size of each
-    /// connection's read buffer. Default 8 KiB, hyper's least.
+    /// connection's read buffer. Default 8 KiB, hyper's least (a smaller
+    /// value is raised to it).
     pub max_request_head_bytes: usize,
     /// How long a client may take to send a request's head. Default 30 s.
     pub header_read_timeout: Duration,
