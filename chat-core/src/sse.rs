@@ -48,13 +48,43 @@ impl SseEncoder {
 
     /// Appends one chunk's frame to `buf` (growing it if needed).
     pub(crate) fn encode_into(buf: &mut BytesMut, chunk: &UiChunk<'_>) {
-        buf.put_slice(b"data: ");
-        // Serializing our own types into memory cannot fail.
-        let mut w = buf.writer();
-        if serde_json::to_writer(&mut w, chunk).is_err() {
-            tracing::error!(chunk = chunk.type_name(), "chunk failed to serialize");
+        match chunk {
+            // Nearly every frame of an answer: written field by field, the same
+            // bytes as the derive (profiled at 20 ms / 5,000 clients, the derive's
+            // struct machinery was about half of the encoding's cost).
+            UiChunk::TextDelta { id, delta } => {
+                Self::delta_into(buf, b"data: {\"type\":\"text-delta\",\"id\":", id, delta);
+            }
+            UiChunk::ReasoningDelta { id, delta } => {
+                Self::delta_into(
+                    buf,
+                    b"data: {\"type\":\"reasoning-delta\",\"id\":",
+                    id,
+                    delta,
+                );
+            }
+            _ => {
+                buf.put_slice(b"data: ");
+                let mut w = buf.writer();
+                // Serializing our own types into memory cannot fail.
+                if serde_json::to_writer(&mut w, chunk).is_err() {
+                    tracing::error!(chunk = chunk.type_name(), "chunk failed to serialize");
+                }
+                w.into_inner().put_slice(b"\n\n");
+            }
         }
-        w.into_inner().put_slice(b"\n\n");
+    }
+
+    /// A delta frame: `head`, then the id and the delta as JSON strings.
+    fn delta_into(buf: &mut BytesMut, head: &[u8], id: &str, delta: &str) {
+        buf.reserve(head.len() + id.len() + delta.len() + 16);
+        buf.put_slice(head);
+        let mut w = buf.writer();
+        // A `str` always serializes (escaped as serde_json escapes it everywhere).
+        let _ = serde_json::to_writer(&mut w, id);
+        w.get_mut().put_slice(b",\"delta\":");
+        let _ = serde_json::to_writer(&mut w, delta);
+        w.into_inner().put_slice(b"}\n\n");
     }
 
     /// The final `data: [DONE]` frame.
@@ -112,7 +142,26 @@ mod tests {
         assert_eq!(&f[..], b"data: {\"type\":\"abort\"}\n\n");
     }
 
+    /// The frame as the derived `Serialize` writes it.
+    fn derived(chunk: &UiChunk<'_>) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        serde_json::to_writer(&mut out, chunk).unwrap();
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+
     proptest! {
+        #[test]
+        fn delta_frames_are_the_derived_bytes(delta in any::<String>(), id in any::<String>()) {
+            let mut e = SseEncoder::new();
+            for chunk in [
+                UiChunk::TextDelta { id: id.as_str().into(), delta: delta.as_str().into() },
+                UiChunk::ReasoningDelta { id: id.as_str().into(), delta: delta.as_str().into() },
+            ] {
+                prop_assert_eq!(&e.encode(&chunk)[..], &derived(&chunk)[..]);
+            }
+        }
+
         #[test]
         fn any_text_round_trips(delta in any::<String>(), id in "[a-z0-9-]{1,20}") {
             let mut e = SseEncoder::new();
