@@ -68,6 +68,15 @@ def fmt(x, nd=0):
     return f"{x:,.{nd}f}"
 
 
+def cpu_over_loadgen(c):
+    """The server's CPU per stream over the load generator's in the same run:
+    it drifts much less than streams/s on a shared machine."""
+    per = (c.get("server") or {}).get("cpu_ms_per_stream")
+    if not per or not c.get("streams") or not c.get("loadgen_cpu_ms"):
+        return None
+    return per / (c["loadgen_cpu_ms"] / c["streams"])
+
+
 rows = []
 for c in cells:
     ratio = c["ratio_to_ceiling"]
@@ -84,7 +93,8 @@ for c in cells:
         f"| {(fmt(ratio, 2) + spread) if c['target'] != 'ceiling' else '1'} "
         f"| {fmt(c['ttft_ms']['p50'], 1)} / {fmt(c['ttft_ms']['p99'], 1)} "
         f"| {fmt(c['full_ms']['p50'], 0)} / {fmt(c['full_ms']['p99'], 0)} "
-        f"| {errs} | {fmt(srv.get('peak_rss_mb'), 0)} | {fmt(srv.get('cpu_ms_per_stream'), 2)} |"
+        f"| {errs} | {fmt(srv.get('peak_rss_mb'), 0)} | {fmt(srv.get('cpu_ms_per_stream'), 2)} "
+        f"| {fmt(cpu_over_loadgen(c), 2)} |"
     )
 
 checks = []
@@ -157,10 +167,11 @@ md = [
     + (f" (median of {repeats} repeats, each against the ceiling run just before it; range in brackets; "
        "the row shows the median run, errors summed, RSS the highest)" if repeats > 1 else "")
     + ". RSS = the server's peak (VmHWM); "
-    "CPU = server user+system CPU ms per completed stream in the measured window.",
+    "CPU = server user+system CPU ms per completed stream in the measured window; "
+    "CPU / load gen's = that over the load generator's own CPU per stream in the same run.",
     "",
-    "| delay ms | clients | target | streams/s | ratio | TTFT p50 / p99 ms | full p50 / p99 ms | errors | peak RSS MB | CPU ms/stream |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| delay ms | clients | target | streams/s | ratio | TTFT p50 / p99 ms | full p50 / p99 ms | errors | peak RSS MB | CPU ms/stream | CPU / load gen's |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
     *rows,
     "",
     "† not a steady state: the median stream took longer than the warmup, so the "
