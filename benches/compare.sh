@@ -24,40 +24,19 @@ PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 LOADGEN=target/release/chat-loadgen
 CEILING_BIN=target/release/chat-ceiling
 [[ -x $LOADGEN && -x $CEILING_BIN ]] || cargo build --release -p chat-bench
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
-export AUTH=dev-header MODEL=demo SHUTDOWN_GRACE_MS=1000
+CELL_WORK=$(mktemp -d)
+trap 'rm -rf "$CELL_WORK"' EXIT
+source benches/cell.sh
+bench_env "$delay"
 
-# One run: label, then the server command; prints one line.
+# One run: label, then the server binary; prints one line.
 run() {
-  local label=$1; shift
-  local json=$work/run.json db=""
-  local args=(--concurrency "$clients" --duration "$DURATION" --warmup "$WARMUP" --threads 2 --json "$json")
-  if [[ $label == ceiling ]]; then
-    "$LOADGEN" "${args[@]}" -- "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; return 1; }
-  elif [[ $STORE == postgres ]]; then
-    db="compare_$$_$RANDOM"
-    psql -q "$PG_ADMIN_URL/postgres" -c "CREATE DATABASE $db" >/dev/null
-    DATABASE_URL="$PG_ADMIN_URL/$db" "$LOADGEN" "${args[@]}" -- "$@" >/dev/null 2>"$work/err" \
-      || { cat "$work/err" >&2; return 1; }
-    psql -q "$PG_ADMIN_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
-  else
-    rm -f "$work"/bench.db*
-    DATABASE_URL="sqlite://$work/bench.db" "$LOADGEN" "${args[@]}" -- "$@" >/dev/null 2>"$work/err" \
-      || { cat "$work/err" >&2; return 1; }
-  fi
-  python3 - "$json" "$label" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-srv = r.get("server") or {}
-per = srv.get("cpu_ms_per_stream")
-lg = r["loadgen_cpu_ms"] / r["streams"] if r.get("streams") and r.get("loadgen_cpu_ms") else None
-norm = f"{per / lg:.3f}" if per and lg else "-"
-print(f"{sys.argv[2]:>8}  {r['streams_per_s']:>9,.1f} streams/s  ttft p50/p99 {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms"
-      f"  rss {srv.get('peak_rss_mb')} MB  cpu/stream {per} ms  loadgen {lg and round(lg, 3)} ms"
-      f"  norm {norm}  errors {r['error_total']}")
-PY
+  local label=$1 server=$2 target=$STORE json=$CELL_WORK/run.json
+  if [[ $label == ceiling ]]; then target=ceiling; fi
+  run_cell "$target" "$server" --concurrency "$clients" --duration "$DURATION" \
+    --warmup "$WARMUP" --threads 2 --json "$json" 2>"$CELL_WORK/err" \
+    || { cat "$CELL_WORK/err" >&2; return 1; }
+  python3 benches/cells.py line "$json" "$label"
 }
 
 echo "cell: ${delay} ms / ${clients} clients on $STORE, $runs interleaved runs; A=$bin_a B=$bin_b"

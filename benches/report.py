@@ -11,6 +11,8 @@ import pathlib
 import statistics
 import sys
 
+from cells import cpu_over_loadgen  # benches/cells.py, shared with compare.sh
+
 NODE_BEST_D0_C50 = 376.0  # streams/s of the Node 24 reference server, best run (issue 10)
 
 out = pathlib.Path(sys.argv[1])
@@ -66,15 +68,6 @@ def fmt(x, nd=0):
     if x is None:
         return "-"
     return f"{x:,.{nd}f}"
-
-
-def cpu_over_loadgen(c):
-    """The server's CPU per stream over the load generator's in the same run:
-    it drifts much less than streams/s on a shared machine."""
-    per = (c.get("server") or {}).get("cpu_ms_per_stream")
-    if not per or not c.get("streams") or not c.get("loadgen_cpu_ms"):
-        return None
-    return per / (c["loadgen_cpu_ms"] / c["streams"])
 
 
 rows = []

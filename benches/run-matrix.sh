@@ -44,6 +44,9 @@ THREADS=${THREADS:-2}
 REPEAT=${REPEAT:-1}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 BIN=target/release
+for t in $TARGETS; do
+  case $t in ceiling | sqlite | postgres) ;; *) echo "unknown target $t" >&2; exit 2 ;; esac
+done
 
 if [[ -z "${NO_BUILD:-}" ]]; then
   cargo build --release -p chat-server-example -p chat-bench
@@ -52,8 +55,10 @@ fi
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=benches/results/$stamp
 mkdir -p "$out"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+CELL_WORK=$(mktemp -d)
+trap 'rm -rf "$CELL_WORK"' EXIT
+LOADGEN=$BIN/chat-loadgen CEILING_BIN=$BIN/chat-ceiling
+source benches/cell.sh
 
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -70,12 +75,10 @@ if [[ -z "${CELLS:-}" ]]; then
   CELLS=$(for d in $DELAYS; do for c in $CONCURRENCY; do printf '%s:%s ' "$d" "$c"; done; done)
 fi
 
-cell=0
 for pair in $CELLS; do
   delay=${pair%%:*} c=${pair##*:}
   for rep in $(seq 1 "$REPEAT"); do
     for target in $TARGETS; do
-      cell=$((cell + 1))
       name="d${delay}-c${c}-${target}"
       file=$name
       if (( REPEAT > 1 )); then file="$name.r$rep"; fi
@@ -85,26 +88,8 @@ for pair in $CELLS; do
       if (( delay > 0 && warm < WARMUP_PACED )); then warm=$WARMUP_PACED; fi
       common=(--concurrency "$c" --duration "$DURATION" --warmup "$warm" --threads "$THREADS"
         --label "$name" --tag "target=$target" --tag "delay_ms=$delay" --tag "repeat=$rep" --json "$out/$file.json")
-      export PORT=0 BIND=127.0.0.1 TOKENS=64 TOKEN_DELAY_MS=$delay RUST_LOG=${RUST_LOG:-warn}
-      export AUTH=dev-header MODEL=demo SHUTDOWN_GRACE_MS=1000
-      case $target in
-        ceiling)
-          "$BIN/chat-loadgen" "${common[@]}" -- "$BIN/chat-ceiling" >/dev/null || echo "cell $name failed"
-          ;;
-        sqlite)
-          rm -f "$work"/bench.db*
-          DATABASE_URL="sqlite://$work/bench.db" \
-            "$BIN/chat-loadgen" "${common[@]}" -- "$BIN/chat-server-example" >/dev/null || echo "cell $name failed"
-          ;;
-        postgres)
-          db="bench_${stamp,,}_${cell}"
-          psql -q "$PG_ADMIN_URL/postgres" -c "CREATE DATABASE $db" >/dev/null
-          DATABASE_URL="$PG_ADMIN_URL/$db" \
-            "$BIN/chat-loadgen" "${common[@]}" -- "$BIN/chat-server-example" >/dev/null || echo "cell $name failed"
-          psql -q "$PG_ADMIN_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
-          ;;
-        *) echo "unknown target $target" >&2; exit 2 ;;
-      esac
+      bench_env "$delay"
+      run_cell "$target" "$BIN/chat-server-example" "${common[@]}" || echo "cell $name failed"
     done
   done
 done
