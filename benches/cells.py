@@ -6,20 +6,26 @@ import json
 import sys
 
 
+def loadgen_ms_per_stream(c):
+    """The load generator's own CPU ms per completed stream, if measured."""
+    if not c.get("streams") or not c.get("loadgen_cpu_ms"):
+        return None
+    return c["loadgen_cpu_ms"] / c["streams"]
+
+
 def cpu_over_loadgen(c):
     """The server's CPU per stream over the load generator's in the same run:
     it drifts much less than streams/s on a shared machine."""
     per = (c.get("server") or {}).get("cpu_ms_per_stream")
-    if not per or not c.get("streams") or not c.get("loadgen_cpu_ms"):
-        return None
-    return per / (c["loadgen_cpu_ms"] / c["streams"])
+    lg = loadgen_ms_per_stream(c)
+    return per / lg if per and lg else None
 
 
 def line(c, label):
     """One run on one line: throughput, latency, memory, CPU and errors."""
     srv = c.get("server") or {}
     norm = cpu_over_loadgen(c)
-    lg = c["loadgen_cpu_ms"] / c["streams"] if c.get("streams") and c.get("loadgen_cpu_ms") else None
+    lg = loadgen_ms_per_stream(c)
     return (
         f"{label:>8}  {c['streams_per_s']:>9,.1f} streams/s"
         f"  ttft p50/p99 {c['ttft_ms']['p50']}/{c['ttft_ms']['p99']} ms"

@@ -299,22 +299,22 @@ fn take_batch(
 ) -> Vec<Job> {
     // Decided on borrowed keys first, then the jobs are moved: no key is
     // copied for a batch that is only being formed.
-    let mut take = Vec::with_capacity(pending.len());
-    {
-        let mut chats: Set<&str> = Set::default();
-        let mut ids: Set<&str> = Set::default();
-        let mut taken = 0;
-        for job in pending.iter() {
+    let mut chats: Set<&str> = Set::default();
+    let mut ids: Set<&str> = Set::default();
+    let mut taken = 0;
+    let take: Vec<bool> = pending
+        .iter()
+        .map(|job| {
             let (chat, id) = (job.chat.as_str(), job.row.id.as_str());
             let free = !busy_chats.contains(chat) && !busy_ids.contains(id);
             // `insert` is false when a job before this one had the chat or id.
             let first = chats.insert(chat) & ids.insert(id);
             let yes = free && first && taken < MAX_BATCH;
             taken += usize::from(yes);
-            take.push(yes);
-        }
-    }
-    let mut batch = Vec::with_capacity(take.iter().filter(|&&t| t).count());
+            yes
+        })
+        .collect();
+    let mut batch = Vec::with_capacity(taken);
     let mut later = VecDeque::new();
     for (job, yes) in pending.drain(..).zip(take) {
         if yes {
