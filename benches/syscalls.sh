@@ -32,9 +32,10 @@ json=$CELL_WORK/run.json
 run_cell "$target" "$server" --concurrency "$clients" --duration "$DURATION" \
   --warmup "$WARMUP" --threads 2 --json "$json" 2>"$CELL_WORK/err" &
 cell=$!
-# The server is the load generator's child; sample once the window is open.
+# This cell's load generator (not any other one running) and its child, the
+# server; sampled once the window is open.
 sleep $((WARMUP + 1))
-loadgen=$(pgrep -n -f "^$LOADGEN") || { cat "$CELL_WORK/err" >&2; exit 1; }
+loadgen=$(pgrep -P "$cell" -f "^$LOADGEN") || { cat "$CELL_WORK/err" >&2; exit 1; }
 pid=$(pgrep -P "$loadgen" | head -1)
 perf record -q -e raw_syscalls:sys_enter -p "$pid" -o "$CELL_WORK/perf.data" -- sleep "$SAMPLE" 2>/dev/null
 wait "$cell" || { cat "$CELL_WORK/err" >&2; exit 1; }
