@@ -387,10 +387,24 @@ pub(crate) async fn rejected<W: RowWriter>(
     }
 }
 
+/// How the multi-row upsert finds each row's chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChatLookup {
+    /// A plain join on the chat's key (SQLite, whose planner searches the
+    /// key once per row).
+    Join,
+    /// A lateral subquery that looks up and locks (`FOR UPDATE`) each row's
+    /// chat by its key (Postgres). As a plain join, Postgres's planner
+    /// hashed the whole `chats` table for batches of 32 rows and more (a
+    /// sequential scan of every chat per batch) where a key lookup per row
+    /// reads a few pages.
+    LateralForUpdate,
+}
+
 /// The multi-row upsert for `rows` rows: each row goes into its chat only if
 /// the chat belongs to the row's user, at the chat's next sequence number, or
 /// replaces the message in place when its id is already in that chat.
-/// `lock` is the backend's row-lock clause.
+/// `lookup` is how the backend finds (and locks) each row's chat.
 ///
 /// With `numbered` the parameters are `$1, $2, ..` (Postgres); without, plain
 /// `?` in order (SQLite: sqlx looks every named parameter up by index, and
@@ -401,9 +415,17 @@ pub(crate) async fn rejected<W: RowWriter>(
 /// `next_seq` and `updated_at` (Postgres: the insert is a data-modifying CTE
 /// and the chats are updated from what it returns, one update per chat per
 /// statement; a PL/pgSQL row trigger cost a function call and an UPDATE per
-/// row); without, the backend's triggers do it (SQLite). Either way the
+/// row); without, the backend's triggers do it (SQLite). The update also
+/// names its chats as a key array, so Postgres looks them up by key: joined
+/// with the returned rows alone, it hashed the whole `chats` table for
+/// batches of 32 rows and more. Either way the
 /// statement's row count is the number of messages written (one per chat).
-pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool, touch_chats: bool) -> String {
+pub(crate) fn upsert_sql(
+    rows: usize,
+    lookup: ChatLookup,
+    numbered: bool,
+    touch_chats: bool,
+) -> String {
     use std::fmt::Write as _;
     let mut sql = String::from(if touch_chats { "WITH written AS (" } else { "" });
     sql.push_str(
@@ -429,20 +451,29 @@ pub(crate) fn upsert_sql(rows: usize, lock: &str, numbered: bool, touch_chats: b
         }
         sql.push(')');
     }
-    let _ = write!(
-        sql,
-        ") AS v JOIN chats c ON c.id = v.column2 AND c.user_id = v.column3 WHERE true{lock} \
+    sql.push_str(match lookup {
+        ChatLookup::Join => ") AS v JOIN chats c ON c.id = v.column2 AND c.user_id = v.column3",
+        // FOR UPDATE also keeps the planner from flattening the subquery
+        // back into a join.
+        ChatLookup::LateralForUpdate => {
+            ") AS v CROSS JOIN LATERAL (SELECT id, next_seq FROM chats \
+             WHERE id = v.column2 AND user_id = v.column3 FOR UPDATE) AS c"
+        }
+    });
+    sql.push_str(
+        " WHERE true \
          ON CONFLICT (id) DO UPDATE SET role = excluded.role, content = excluded.content, \
          metadata = excluded.metadata, status = excluded.status, \
          finish_reason = excluded.finish_reason, updated_at = excluded.updated_at \
-         WHERE messages.chat_id = excluded.chat_id"
+         WHERE messages.chat_id = excluded.chat_id",
     );
     if touch_chats {
         sql.push_str(
             " RETURNING chat_id, seq, updated_at) \
              UPDATE chats c SET next_seq = GREATEST(c.next_seq, w.seq), \
              updated_at = GREATEST(c.updated_at, w.updated_at) \
-             FROM written w WHERE c.id = w.chat_id",
+             FROM written w WHERE c.id = w.chat_id \
+             AND c.id = ANY (ARRAY(SELECT chat_id FROM written))",
         );
     }
     sql
@@ -624,11 +655,11 @@ mod tests {
 
     #[test]
     fn upsert_sql_numbers_every_row() {
-        let sql = upsert_sql(3, "", true, true);
+        let sql = upsert_sql(3, ChatLookup::LateralForUpdate, true, true);
         assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10), ($11,"));
         assert!(sql.contains("$30)"));
         assert!(!sql.contains("$31"));
-        let sql = upsert_sql(3, "", false, false);
+        let sql = upsert_sql(3, ChatLookup::Join, false, false);
         assert_eq!(sql.matches('?').count(), 30);
         assert!(!sql.contains('$'));
     }

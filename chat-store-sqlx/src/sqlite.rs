@@ -174,7 +174,7 @@ message_store_impl!(
     db = sqlx::Sqlite,
     pool = SqlitePool,
     greatest = "MAX",
-    lock = "",
+    lookup = Join,
     numbered = false,
     // The triggers of migration 0002 advance the chat.
     touch_chats = false,

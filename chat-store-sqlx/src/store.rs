@@ -7,7 +7,7 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
 /// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
 /// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
 macro_rules! message_store_impl {
-    ($store:ty, db = $db:ty, pool = $pool:ty, greatest = $greatest:literal, lock = $lock:literal, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal) => {
+    ($store:ty, db = $db:ty, pool = $pool:ty, greatest = $greatest:literal, lookup = $lookup:ident, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal) => {
         /// Group commit of message writes over this backend's writer pool.
         #[derive(Debug)]
         pub(crate) struct BatchWriter {
@@ -30,7 +30,12 @@ macro_rules! message_store_impl {
                 let sql = SQL.get_or_init(|| {
                     $crate::batch::CHUNK_SIZES
                         .iter()
-                        .map(|&n| $crate::batch::upsert_sql(n, $lock, $numbered, $touch))
+                        .map(|&n| $crate::batch::upsert_sql(
+                            n,
+                            $crate::batch::ChatLookup::$lookup,
+                            $numbered,
+                            $touch,
+                        ))
                         .collect()
                 });
                 let at = $crate::batch::CHUNK_SIZES.iter().position(|&n| n == rows)?;
