@@ -7,8 +7,8 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 
-use crate::BoxStream;
 use crate::chunk::UiChunk;
+use crate::session::TurnFrames;
 use crate::sse::SseEncoder;
 
 /// Bytes of one block of a turn's output. A 64-token answer is ~4.3 KB of
@@ -199,13 +199,13 @@ impl TurnBuffer {
     }
 
     /// A stream of every frame from the first, then live, ending after `[DONE]`.
-    pub fn follow(self: Arc<Self>) -> BoxStream<'static, Bytes> {
-        Box::pin(Follower { buf: self, pos: 0 })
+    pub fn follow(self: Arc<Self>) -> TurnFrames {
+        TurnFrames::from_follower(Follower { buf: self, pos: 0 })
     }
 }
 
 /// One reader of a [`TurnBuffer`]: the next frame to read and nothing else.
-struct Follower {
+pub(crate) struct Follower {
     buf: Arc<TurnBuffer>,
     pos: usize,
 }

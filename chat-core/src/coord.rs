@@ -221,7 +221,7 @@ impl TurnCoordinator for InProcessCoordinator {
                     token: e.token,
                     message_id: e.message_id.clone(),
                 },
-                e.buffer.clone().follow(),
+                Box::pin(e.buffer.clone().follow()) as BoxStream<'static, Bytes>,
             )
         }))
     }

@@ -17,7 +17,7 @@ use crate::coord::{CoordError, Lease, TurnCoordinator};
 use crate::error::{Error, StoreError};
 use crate::ids::{ChatId, MessageId, UserId};
 use crate::message::{FinishReason, UiMessage};
-use crate::session::{ChatSession, SendRequest, TurnStream};
+use crate::session::{ChatSession, SendRequest, TurnFrames, TurnStream};
 use crate::sse::{DONE_FRAME, SseEncoder};
 use crate::store::{Chat, MessageStatus, StoredMessage};
 use crate::turn::{ChunkSink, MODEL_ERROR_TEXT, TurnRunner};
@@ -212,7 +212,7 @@ impl CoordinatedSessions {
         chat: ChatId,
         token: u64,
         mut frames: crate::BoxStream<'static, Bytes>,
-    ) -> crate::BoxStream<'static, Bytes> {
+    ) -> TurnFrames {
         let buffer = Arc::new(TurnBuffer::new());
         let out = buffer.clone();
         let inner = self.inner.clone();

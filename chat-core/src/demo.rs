@@ -116,40 +116,77 @@ impl DemoModel {
 /// One model event as the stream yields it.
 type Event = Result<ModelEvent, ModelError>;
 
-/// A script's events, made one at a time as the stream is read (a 64-token
-/// answer held as a vector was ~7 KB per running turn).
-#[cfg(not(target_arch = "wasm32"))]
-type Events = Box<dyn Iterator<Item = Event> + Send>;
-/// A script's events, made one at a time as the stream is read.
-#[cfg(target_arch = "wasm32")]
-type Events = Box<dyn Iterator<Item = Event>>;
+/// A script's events: `reasoning` deltas, then `text` deltas, then `tail`.
+/// One value inside the model's stream (no boxed iterator to reach per token).
+struct DemoEvents {
+    reasoning: std::ops::Range<u32>,
+    text: std::ops::Range<u32>,
+    tail: std::vec::IntoIter<Event>,
+}
 
-/// `n` text tokens, the i-th being `tok{i} `.
-fn text(n: u32) -> impl Iterator<Item = Event> + Send {
-    (0..n).map(|i| Ok(ModelEvent::TextDelta(format!("tok{i} "))))
+impl DemoEvents {
+    fn new(reasoning: u32, text: u32, tail: Vec<Event>) -> Self {
+        Self {
+            reasoning: 0..reasoning,
+            text: 0..text,
+            tail: tail.into_iter(),
+        }
+    }
+}
+
+/// `{word}{i} `, written without the formatting machinery (once per token).
+fn numbered(word: &str, i: u32) -> String {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut n = i;
+    loop {
+        at -= 1;
+        // `n % 10` is a digit, so the cast keeps it whole.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut s = String::with_capacity(word.len() + digits.len() - at + 1);
+    s.push_str(word);
+    s.extend(digits[at..].iter().map(|&d| char::from(d)));
+    s.push(' ');
+    s
+}
+
+impl Iterator for DemoEvents {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        if let Some(i) = self.reasoning.next() {
+            return Some(Ok(ModelEvent::ReasoningDelta(numbered("think", i))));
+        }
+        if let Some(i) = self.text.next() {
+            return Some(Ok(ModelEvent::TextDelta(numbered("tok", i))));
+        }
+        self.tail.next()
+    }
 }
 
 #[cfg_attr(target_arch = "wasm32", async_trait(?Send))]
 #[cfg_attr(not(target_arch = "wasm32"), async_trait)]
 impl ModelProvider for DemoModel {
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ModelError> {
-        let once = |e: Event| std::iter::once(e);
-        let events: Events = match self.script_for(&request) {
+        let n = self.tokens;
+        let events = match self.script_for(&request) {
             DemoScript::FromPrompt | DemoScript::Text => {
-                Box::new(text(self.tokens).chain(once(Ok(self.finish(FinishReason::Stop)))))
+                DemoEvents::new(0, n, vec![Ok(self.finish(FinishReason::Stop))])
             }
-            DemoScript::Reasoning => Box::new(
-                (0..self.tokens.div_ceil(4))
-                    .map(|i| Ok(ModelEvent::ReasoningDelta(format!("think{i} "))))
-                    .chain(text(self.tokens))
-                    .chain(once(Ok(self.finish(FinishReason::Stop)))),
-            ),
+            DemoScript::Reasoning => {
+                DemoEvents::new(n.div_ceil(4), n, vec![Ok(self.finish(FinishReason::Stop))])
+            }
             DemoScript::ToolCall => {
                 let answered = request.messages.last().is_some_and(|m| {
                     m.role == Role::Assistant && m.parts.iter().any(|p| matches!(p, Part::Tool(_)))
                 });
                 if answered {
-                    Box::new(text(self.tokens).chain(once(Ok(self.finish(FinishReason::Stop)))))
+                    DemoEvents::new(0, n, vec![Ok(self.finish(FinishReason::Stop))])
                 } else {
                     let id = format!("call-{}", request.step);
                     let mut events = vec![Ok(ModelEvent::ToolInputStart {
@@ -168,13 +205,17 @@ impl ModelProvider for DemoModel {
                         input: json!({"city": "Paris"}),
                     }));
                     events.push(Ok(self.finish(FinishReason::ToolCalls)));
-                    Box::new(events.into_iter())
+                    DemoEvents::new(0, 0, events)
                 }
             }
-            DemoScript::FailAfter(n) => Box::new(text(n).chain(once(Err(
-                ModelError::Interrupted("demo model failed on purpose".into()),
-            )))),
-            DemoScript::Truncate => Box::new(text(self.tokens / 2)),
+            DemoScript::FailAfter(k) => DemoEvents::new(
+                0,
+                k,
+                vec![Err(ModelError::Interrupted(
+                    "demo model failed on purpose".into(),
+                ))],
+            ),
+            DemoScript::Truncate => DemoEvents::new(0, n / 2, Vec::new()),
         };
         let delay = self.delay;
         let stream = futures::stream::iter(events).then(move |e| async move {
@@ -224,5 +265,17 @@ impl Tool for WeatherTool {
             .ok_or_else(|| ToolError("`city` is required".into()))?;
         let temp = city.bytes().fold(7u32, |a, b| (a * 31 + u32::from(b)) % 35);
         Ok(json!({"city": city, "tempC": temp, "sky": "clear"}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+
+    #[test]
+    fn numbered_tokens_read_as_formatted() {
+        for i in [0, 7, 9, 10, 63, 99, 100, 1_000_007, u32::MAX] {
+            assert_eq!(numbered("tok", i), format!("tok{i} "));
+        }
     }
 }

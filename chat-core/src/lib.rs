@@ -29,6 +29,8 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(not(target_arch = "wasm32"))]
+mod admission;
 pub mod buffer;
 pub mod chunk;
 pub mod coord;
@@ -57,6 +59,8 @@ pub mod tool;
 pub mod turn;
 pub mod validate;
 
+#[cfg(not(target_arch = "wasm32"))]
+pub use admission::AdaptiveAdmission;
 pub use buffer::TurnBuffer;
 pub use chunk::UiChunk;
 pub use coord::{CoordError, InProcessCoordinator, Lease, RunningTurn, TurnCoordinator};
@@ -76,7 +80,7 @@ pub use message::{
     Usage,
 };
 pub use model::{Conversation, ModelEvent, ModelProvider, ModelRequest, ModelStream};
-pub use session::{ChatSession, SendRequest, Trigger, TurnStream};
+pub use session::{ChatSession, SendRequest, Trigger, TurnFrames, TurnStream};
 pub use sse::{SseEncoder, UI_STREAM_HEADERS, parse_sse};
 pub use store::{
     Chat, ChatCursor, ChatPage, MessageStatus, MessageStore, NewChat, PageRequest, StoredMessage,

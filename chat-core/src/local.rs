@@ -2,14 +2,13 @@
 //! turn, nothing per idle chat.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{AdaptiveAdmission, Admission, AdmissionPermit};
 use crate::buffer::TurnBuffer;
 use crate::error::Error;
 use crate::history_cache::{CachedStore, DEFAULT_HISTORY_CACHE_BYTES, HistoryCache};
@@ -20,7 +19,7 @@ use crate::owner_cache::{DEFAULT_OWNER_CACHE_CHATS, OwnerCache};
 use crate::session::{ChatSession, SendRequest, TurnStream};
 use crate::store::{Chat, MessageStore};
 use crate::tool::ToolSet;
-use crate::turn::{BufferSink, TurnConfig, TurnRunner};
+use crate::turn::{BufferSink, PreparedTurn, TurnConfig, TurnRunner};
 
 #[derive(Debug)]
 struct ActiveTurn {
@@ -39,9 +38,7 @@ struct Inner {
     owners: Arc<OwnerCache>,
     active: Mutex<HashMap<ChatId, Arc<ActiveTurn>>>,
     /// Admission: a permit per generating turn (`None`: unbounded).
-    admission: Option<Arc<Semaphore>>,
-    /// Turns waiting for a permit.
-    queued: AtomicUsize,
+    admission: Option<Arc<Admission>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -51,7 +48,7 @@ impl std::fmt::Debug for Inner {
             .field("cache", &self.cache)
             .field(
                 "free_turn_slots",
-                &self.admission.as_ref().map(|s| s.available_permits()),
+                &self.admission.as_ref().map(|a| a.free()),
             )
             .finish_non_exhaustive()
     }
@@ -117,20 +114,19 @@ impl Inner {
         }
     }
 
+    /// A generation permit if one is free now (`Ok(None)`: admission is
+    /// off); `Err` when the turn has to queue for one.
+    fn try_admit(&self) -> Result<Option<AdmissionPermit>, ()> {
+        match &self.admission {
+            None => Ok(None),
+            Some(a) => a.try_admit().map(Some).ok_or(()),
+        }
+    }
+
     /// Waits for a generation permit (none needed when admission is off, or
     /// once `cancel` fires).
-    async fn admit(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
-        let sem = self.admission.as_ref()?;
-        if let Ok(p) = sem.clone().try_acquire_owned() {
-            return Some(p);
-        }
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let permit = cancel
-            .run_until_cancelled(sem.clone().acquire_owned())
-            .await
-            .and_then(Result::ok);
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        permit
+    async fn admit(&self, cancel: &CancellationToken) -> Option<AdmissionPermit> {
+        self.admission.as_ref()?.admit(cancel).await
     }
 
     /// Drops what is cached about `chat` (history and ownership).
@@ -169,7 +165,7 @@ impl LocalSessions {
         Self::build(runner, DEFAULT_HISTORY_CACHE_BYTES, None)
     }
 
-    fn build(runner: TurnRunner, cache_bytes: usize, admission: Option<Arc<Semaphore>>) -> Self {
+    fn build(runner: TurnRunner, cache_bytes: usize, admission: Option<Arc<Admission>>) -> Self {
         let store = runner.store().clone();
         let (runner, cache) = if cache_bytes == 0 {
             (runner, None)
@@ -187,7 +183,6 @@ impl LocalSessions {
                 owners: Arc::new(OwnerCache::new(DEFAULT_OWNER_CACHE_CHATS)),
                 active: Mutex::new(HashMap::new()),
                 admission,
-                queued: AtomicUsize::new(0),
             }),
         }
     }
@@ -211,8 +206,16 @@ impl LocalSessions {
     /// Call before serving.
     #[must_use]
     pub fn with_max_running_turns(self, max: usize) -> Self {
-        let max = max.clamp(1, Semaphore::MAX_PERMITS);
-        self.rebuilt(|inner| inner.admission = Some(Arc::new(Semaphore::new(max))))
+        self.rebuilt(|inner| inner.admission = Some(Arc::new(Admission::fixed(max))))
+    }
+
+    /// Like [`with_max_running_turns`](Self::with_max_running_turns), with a
+    /// bound that follows the machine (see [`AdaptiveAdmission`]): it grows
+    /// while turns queue and the runtime's timers fire on time, and shrinks
+    /// when they fire late. Call before serving.
+    #[must_use]
+    pub fn with_adaptive_admission(self, settings: AdaptiveAdmission) -> Self {
+        self.rebuilt(|inner| inner.admission = Some(Arc::new(Admission::adaptive(settings))))
     }
 
     /// A copy of the settings with `change` applied, and no turn running.
@@ -224,7 +227,6 @@ impl LocalSessions {
             owners: self.inner.owners.clone(),
             active: Mutex::new(HashMap::new()),
             admission: self.inner.admission.clone(),
-            queued: AtomicUsize::new(0),
         };
         change(&mut inner);
         Self {
@@ -232,10 +234,15 @@ impl LocalSessions {
         }
     }
 
+    /// The admission bound now (`None` without admission control).
+    pub fn admission_bound(&self) -> Option<usize> {
+        self.inner.admission.as_ref().map(|a| a.bound())
+    }
+
     /// Turns waiting for admission now (0 without
     /// [`with_max_running_turns`](Self::with_max_running_turns)).
     pub fn queued(&self) -> usize {
-        self.inner.queued.load(Ordering::Relaxed)
+        self.inner.admission.as_ref().map_or(0, |a| a.queued())
     }
 
     /// Adds the tools the model may call. Call before serving.
@@ -281,6 +288,27 @@ impl LocalSessions {
             }
         }
     }
+}
+
+/// Runs an admitted turn to its end, holding `_permit` until its answer is
+/// stored, then frees its chat's slot and closes its buffer.
+async fn run_turn(
+    inner: Arc<Inner>,
+    turn: Arc<ActiveTurn>,
+    chat: ChatId,
+    prepared: PreparedTurn,
+    _permit: Option<AdmissionPermit>,
+) {
+    let mut sink = BufferSink::new(turn.buffer.clone());
+    let outcome = inner.runner.run(prepared, &mut sink, &turn.cancel).await;
+    tracing::debug!(chat_id = %chat, reason = outcome.reason.as_str(),
+        stored = outcome.stored, "turn ended");
+    if !outcome.stored {
+        inner.invalidate(&chat);
+    }
+    // Leave the map before closing, so a client that sees [DONE] can start the next turn.
+    inner.release(chat, &turn);
+    turn.buffer.close();
 }
 
 #[async_trait]
@@ -340,24 +368,24 @@ impl ChatSession for LocalSessions {
 
         let inner = self.inner.clone();
         let task_turn = turn.clone();
-        let chat_key = *chat_id;
-        tokio::spawn(async move {
-            // Held until the answer is stored; a stop while queued still
-            // runs the turn, which then ends at once as aborted.
-            let _permit = inner.admit(&task_turn.cancel).await;
-            let mut sink = BufferSink::new(task_turn.buffer.clone());
-            // Boxed once admitted: a turn queued for admission holds a few
-            // hundred bytes, not the ~2 KB of the running turn's state.
-            let outcome = Box::pin(inner.runner.run(prepared, &mut sink, &task_turn.cancel)).await;
-            tracing::debug!(chat_id = %chat_key, reason = outcome.reason.as_str(),
-                stored = outcome.stored, "turn ended");
-            if !outcome.stored {
-                inner.invalidate(&chat_key);
+        match inner.try_admit() {
+            Ok(permit) => {
+                tokio::spawn(run_turn(inner, task_turn, *chat_id, prepared, permit));
             }
-            // Leave the map before closing, so a client that sees [DONE] can start the next turn.
-            inner.release(chat_key, &task_turn);
-            task_turn.buffer.close();
-        });
+            Err(()) => {
+                // A queued turn waits in a small task of its own and starts
+                // the turn's task once admitted: the running turn's ~2 KB of
+                // state is the task's own (no box to reach on every token),
+                // and a queued one holds only a few hundred bytes. A stop
+                // while queued still runs the turn, which then ends at once
+                // as aborted.
+                let chat_key = *chat_id;
+                tokio::spawn(async move {
+                    let permit = inner.admit(&task_turn.cancel).await;
+                    tokio::spawn(run_turn(inner, task_turn, chat_key, prepared, permit));
+                });
+            }
+        }
         Ok(TurnStream {
             message_id: turn.message_id.clone(),
             frames: turn.buffer.clone().follow(),
@@ -1178,8 +1206,8 @@ mod tests {
                 .with_max_running_turns(0)
                 .with_tools(demo_tools())
                 .with_history_cache(1 << 20);
-        let sem = sessions.inner.admission.as_ref().expect("admission kept");
-        assert_eq!(sem.available_permits(), 1);
+        let admission = sessions.inner.admission.as_ref().expect("admission kept");
+        assert_eq!(admission.free(), 1);
         assert!(!sessions.inner.runner.config().tools.specs().is_empty());
     }
 

@@ -1,9 +1,14 @@
 //! The live side of chats: run a turn, follow it, stop it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::Stream;
 
 use crate::BoxStream;
+use crate::buffer::Follower;
 use crate::error::Error;
 use crate::ids::{ChatId, MessageId, UserId};
 use crate::message::UiMessage;
@@ -69,7 +74,52 @@ pub struct TurnStream {
     /// The id the assistant message is stored under.
     pub message_id: MessageId,
     /// The frames, from the turn's start (replay) then live.
-    pub frames: BoxStream<'static, Bytes>,
+    pub frames: TurnFrames,
+}
+
+/// A turn's SSE frames, one item each: read straight from the turn's
+/// [`TurnBuffer`](crate::TurnBuffer) when it runs in this process, or from
+/// any stream of frames (a turn running elsewhere).
+///
+/// A stream over a buffer is held inline, not boxed: the response body
+/// reaches the buffer without another allocation to touch per token.
+pub struct TurnFrames(Source);
+
+enum Source {
+    Buffer(Follower),
+    Stream(BoxStream<'static, Bytes>),
+}
+
+impl TurnFrames {
+    /// Frames from any stream of them.
+    pub fn from_stream(frames: BoxStream<'static, Bytes>) -> Self {
+        Self(Source::Stream(frames))
+    }
+
+    pub(crate) fn from_follower(follower: Follower) -> Self {
+        Self(Source::Buffer(follower))
+    }
+}
+
+impl Stream for TurnFrames {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        match &mut self.0 {
+            Source::Buffer(f) => Pin::new(f).poll_next(cx),
+            Source::Stream(s) => s.as_mut().poll_next(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for TurnFrames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match self.0 {
+            Source::Buffer(_) => "buffer",
+            Source::Stream(_) => "stream",
+        };
+        f.debug_tuple("TurnFrames").field(&source).finish()
+    }
 }
 
 impl std::fmt::Debug for TurnStream {

@@ -183,10 +183,31 @@ enum End {
 /// The assistant message under construction plus open-part bookkeeping.
 struct Draft {
     msg: UiMessage,
-    open_text: Option<(usize, String)>,
-    open_reasoning: Option<(usize, String)>,
+    open_text: Option<OpenPart>,
+    open_reasoning: Option<OpenPart>,
     part_seq: u32,
     usage: Option<Usage>,
+}
+
+/// A text or reasoning part still streaming. Its text grows here, beside its
+/// id, and moves into the message's part (`msg.parts[idx]`, a placeholder
+/// until then) when the part closes: a token touches the draft and this
+/// text, not the parts vector too (a cold cache line per token when
+/// thousands of turns stream at once).
+struct OpenPart {
+    idx: usize,
+    id: String,
+    text: String,
+}
+
+impl OpenPart {
+    /// The part's text, read from `parts` for the placeholder at `idx`.
+    fn slot<'p>(&self, parts: &'p mut [Part]) -> Option<&'p mut TextPart> {
+        match parts.get_mut(self.idx) {
+            Some(Part::Text(t) | Part::Reasoning(t)) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 impl Draft {
@@ -196,22 +217,73 @@ impl Draft {
         id
     }
 
+    /// Opens a text (`reasoning` false) or reasoning part: a placeholder in
+    /// the message, its text kept open beside it.
+    fn open(&mut self, reasoning: bool, sink: &mut dyn ChunkSink) -> &mut OpenPart {
+        let id = self.next_id(if reasoning { "reasoning" } else { "text" });
+        let mut part = TextPart {
+            text: String::new(),
+            state: Some(TextState::Streaming),
+            provider_metadata: None,
+            id: None,
+        };
+        let open = if reasoning {
+            sink.emit(&UiChunk::ReasoningStart {
+                id: Cow::Borrowed(&id),
+            });
+            // useChat keeps the stream id on reasoning parts (not on text).
+            part.id = Some(id.clone());
+            self.msg.parts.push(Part::Reasoning(part));
+            &mut self.open_reasoning
+        } else {
+            sink.emit(&UiChunk::TextStart {
+                id: Cow::Borrowed(&id),
+            });
+            self.msg.parts.push(Part::Text(part));
+            &mut self.open_text
+        };
+        open.insert(OpenPart {
+            idx: self.msg.parts.len() - 1,
+            id,
+            text: String::new(),
+        })
+    }
+
+    /// Moves an open part's text into its place in the message, marked done.
+    fn settle(parts: &mut [Part], open: OpenPart) -> String {
+        if let Some(t) = open.slot(parts) {
+            t.text = open.text;
+            t.state = Some(TextState::Done);
+        }
+        open.id
+    }
+
     fn close_text(&mut self, sink: &mut dyn ChunkSink) {
-        if let Some((idx, id)) = self.open_text.take() {
-            if let Some(Part::Text(t)) = self.msg.parts.get_mut(idx) {
-                t.state = Some(TextState::Done);
-            }
+        if let Some(open) = self.open_text.take() {
+            let id = Self::settle(&mut self.msg.parts, open);
             sink.emit(&UiChunk::TextEnd { id: id.into() });
         }
     }
 
     fn close_reasoning(&mut self, sink: &mut dyn ChunkSink) {
-        if let Some((idx, id)) = self.open_reasoning.take() {
-            if let Some(Part::Reasoning(t)) = self.msg.parts.get_mut(idx) {
-                t.state = Some(TextState::Done);
-            }
+        if let Some(open) = self.open_reasoning.take() {
+            let id = Self::settle(&mut self.msg.parts, open);
             sink.emit(&UiChunk::ReasoningEnd { id: id.into() });
         }
+    }
+
+    /// The message as it stands, open parts' text so far included (a checkpoint).
+    fn snapshot(&self) -> UiMessage {
+        let mut msg = self.msg.clone();
+        for open in [&self.open_text, &self.open_reasoning]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = open.slot(&mut msg.parts) {
+                t.text.clone_from(&open.text);
+            }
+        }
+        msg
     }
 
     fn close_all(&mut self, sink: &mut dyn ChunkSink) {
@@ -362,9 +434,9 @@ impl<'a> Checkpoints<'a> {
     }
 
     /// Writes `msg` as a checkpoint now, or once the write in flight is done.
-    fn save(&mut self, msg: &UiMessage) {
+    fn save(&mut self, msg: UiMessage) {
         let stored = StoredMessage {
-            message: msg.clone(),
+            message: msg,
             created_at: self.turn.created_at,
             updated_at: crate::now_ms(),
             status: MessageStatus::Streaming,
@@ -671,54 +743,27 @@ impl TurnRunner {
                 match event {
                     ModelEvent::TextDelta(delta) => {
                         draft.close_reasoning(sink);
-                        if draft.open_text.is_none() {
-                            let id = draft.next_id("text");
-                            sink.emit(&UiChunk::TextStart {
-                                id: Cow::Borrowed(&id),
-                            });
-                            draft.msg.parts.push(Part::Text(TextPart {
-                                text: String::new(),
-                                state: Some(TextState::Streaming),
-                                provider_metadata: None,
-                                id: None,
-                            }));
-                            draft.open_text = Some((draft.msg.parts.len() - 1, id));
-                        }
-                        if let Some((idx, id)) = &draft.open_text {
-                            if let Some(Part::Text(t)) = draft.msg.parts.get_mut(*idx) {
-                                t.text.push_str(&delta);
-                            }
-                            sink.emit(&UiChunk::TextDelta {
-                                id: Cow::Borrowed(id),
-                                delta: Cow::Borrowed(&delta),
-                            });
-                        }
+                        let open = match draft.open_text {
+                            Some(ref mut open) => open,
+                            None => draft.open(false, sink),
+                        };
+                        open.text.push_str(&delta);
+                        sink.emit(&UiChunk::TextDelta {
+                            id: Cow::Borrowed(&open.id),
+                            delta: Cow::Borrowed(&delta),
+                        });
                     }
                     ModelEvent::ReasoningDelta(delta) => {
                         draft.close_text(sink);
-                        if draft.open_reasoning.is_none() {
-                            let id = draft.next_id("reasoning");
-                            sink.emit(&UiChunk::ReasoningStart {
-                                id: Cow::Borrowed(&id),
-                            });
-                            draft.msg.parts.push(Part::Reasoning(TextPart {
-                                text: String::new(),
-                                state: Some(TextState::Streaming),
-                                provider_metadata: None,
-                                // useChat keeps the stream id on reasoning parts (not on text).
-                                id: Some(id.clone()),
-                            }));
-                            draft.open_reasoning = Some((draft.msg.parts.len() - 1, id));
-                        }
-                        if let Some((idx, id)) = &draft.open_reasoning {
-                            if let Some(Part::Reasoning(t)) = draft.msg.parts.get_mut(*idx) {
-                                t.text.push_str(&delta);
-                            }
-                            sink.emit(&UiChunk::ReasoningDelta {
-                                id: Cow::Borrowed(id),
-                                delta: Cow::Borrowed(&delta),
-                            });
-                        }
+                        let open = match draft.open_reasoning {
+                            Some(ref mut open) => open,
+                            None => draft.open(true, sink),
+                        };
+                        open.text.push_str(&delta);
+                        sink.emit(&UiChunk::ReasoningDelta {
+                            id: Cow::Borrowed(&open.id),
+                            delta: Cow::Borrowed(&delta),
+                        });
                     }
                     ModelEvent::ToolInputStart { id, name } => {
                         draft.close_all(sink);
@@ -790,7 +835,7 @@ impl TurnRunner {
                     .config
                     .checkpoint_due(last_checkpoint.elapsed(), events_since_checkpoint)
                 {
-                    checkpoints.save(&draft.msg);
+                    checkpoints.save(draft.snapshot());
                     last_checkpoint = Instant::now();
                     events_since_checkpoint = 0;
                 }

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chat_core::{TurnStream, UI_STREAM_HEADERS, UserId};
+use futures::Stream as _;
 use tower_http::cors::CorsLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -140,7 +141,7 @@ fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Response {
 /// while it cannot be due: the body goes pending once per token, and polling
 /// the timer there re-registered the task's waker with it every time.
 struct SseBody {
-    frames: chat_core::BoxStream<'static, Bytes>,
+    frames: chat_core::TurnFrames,
     keep_alive: Option<KeepAlive>,
 }
 
@@ -159,7 +160,7 @@ struct KeepAlive {
 }
 
 impl SseBody {
-    fn new(frames: chat_core::BoxStream<'static, Bytes>, every: Option<Duration>) -> Self {
+    fn new(frames: chat_core::TurnFrames, every: Option<Duration>) -> Self {
         let keep_alive = every.map(|every| {
             let tick = (every / 2).max(Duration::from_millis(1));
             let due = tokio::time::Instant::now() + tick;
@@ -210,7 +211,7 @@ impl axum::body::HttpBody for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
-        match this.frames.as_mut().poll_next(cx) {
+        match Pin::new(&mut this.frames).poll_next(cx) {
             Poll::Ready(Some(f)) => {
                 if let Some(k) = &mut this.keep_alive {
                     k.idle_ticks = 0;

@@ -3,8 +3,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use chat_core::{
-    ChatId, ChatSession, Error, MessageId, MessageStore, SendRequest, StoreError, TurnStream,
-    UiMessage, UserId,
+    ChatId, ChatSession, Error, MessageId, MessageStore, SendRequest, StoreError, TurnFrames,
+    TurnStream, UiMessage, UserId,
 };
 use futures::StreamExt;
 use worker::{Headers, Method, ObjectNamespace, Request, RequestInit, Response};
@@ -116,7 +116,7 @@ fn turn_stream(mut res: Response) -> Result<TurnStream, Error> {
         .filter_map(|r| futures::future::ready(r.ok().map(Bytes::from)));
     Ok(TurnStream {
         message_id,
-        frames: Box::pin(frames),
+        frames: TurnFrames::from_stream(Box::pin(frames)),
     })
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chat_core::{
-    ChatSession, CoordinatedSessions, CoordinationSettings, LocalSessions, MessageStore,
-    ModelProvider, TurnConfig, TurnCoordinator, TurnRunner,
+    AdaptiveAdmission, ChatSession, CoordinatedSessions, CoordinationSettings, LocalSessions,
+    MessageStore, ModelProvider, TurnConfig, TurnCoordinator, TurnRunner,
 };
 use chat_store_sqlx::SqlStore;
 use chat_store_sqlx::sqlx::PgPool;
@@ -50,29 +50,43 @@ pub struct CoordinationArgs {
     /// not reload the chat from the database (0 = off).
     #[arg(long, env = "HISTORY_CACHE_BYTES", default_value_t = chat_core::DEFAULT_HISTORY_CACHE_BYTES)]
     pub history_cache_bytes: usize,
-    /// One instance only: most answers generating at once (default 1,024 per
-    /// CPU core; 0 = no bound); the others wait, user message stored, for
-    /// their first token.
+    /// One instance only: most answers generating at once (0 = no bound);
+    /// the others wait, user message stored, for their first token. Unset:
+    /// a bound that follows the machine, from 1,024 per CPU core, between 256
+    /// and 1,536 per core.
     #[arg(long, env = "MAX_RUNNING_TURNS")]
     pub max_running_turns: Option<usize>,
 }
 
-/// Default bound on generating turns per CPU core. On the 2-core bench
-/// machine 2,048 left throughput at 10,000 clients where it was (or better:
-/// it keeps Postgres out of the synchronized waves that collapse the cell)
-/// and cut peak RSS from ~465 to ~375 MB (`benches/README.md`, round 4).
-const RUNNING_TURNS_PER_CORE: usize = 1024;
+/// Default admission bound per CPU core: where it starts, and how far it
+/// moves. On the 2-core bench machine a fixed 2,048 cut peak RSS at 10,000
+/// clients from ~465 to ~375 MB (round 4), but left a faster machine's
+/// cores idle at 5,000 clients with turns queued (round 15); 1,536 per
+/// core keeps 10,000 clients under 400 MB (`benches/README.md`).
+const RUNNING_TURNS_PER_CORE: [usize; 3] = [256, 1024, 1536];
+
+/// The admission control the settings ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionBound {
+    /// Every turn generates at once.
+    Unbounded,
+    /// At most this many at once.
+    Fixed(usize),
+    /// A bound that follows the machine.
+    Adaptive(AdaptiveAdmission),
+}
 
 impl CoordinationArgs {
-    /// The admission bound in effect (`None`: unbounded).
-    pub fn running_turns_bound(&self) -> Option<usize> {
+    /// The admission control in effect.
+    pub fn running_turns_bound(&self) -> AdmissionBound {
         match self.max_running_turns {
-            Some(0) => None,
-            Some(n) => Some(n),
-            None => Some(
-                RUNNING_TURNS_PER_CORE
-                    * std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            ),
+            Some(0) => AdmissionBound::Unbounded,
+            Some(n) => AdmissionBound::Fixed(n),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+                let [min, initial, max] = RUNNING_TURNS_PER_CORE.map(|n| n * cores);
+                AdmissionBound::Adaptive(AdaptiveAdmission::new(min, initial, max))
+            }
         }
     }
 }
@@ -118,10 +132,12 @@ impl Sessions {
                 let mut local = LocalSessions::new(store, model, config)
                     .with_history_cache(args.history_cache_bytes);
                 let bound = args.running_turns_bound();
-                if let Some(max) = bound {
-                    local = local.with_max_running_turns(max);
-                }
-                tracing::info!(max_running_turns = ?bound, "admission control");
+                local = match bound {
+                    AdmissionBound::Unbounded => local,
+                    AdmissionBound::Fixed(max) => local.with_max_running_turns(max),
+                    AdmissionBound::Adaptive(settings) => local.with_adaptive_admission(settings),
+                };
+                tracing::info!(?bound, "admission control");
                 return Ok(Sessions::Local(Arc::new(local)));
             }
             CoordinationKind::Redis => {

@@ -149,6 +149,8 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        // Logs on stderr; stdout carries only the `listening on` line.
+        .with_writer(std::io::stderr)
         .init();
     let settings = Settings::parse();
 
