@@ -72,9 +72,10 @@ impl std::fmt::Debug for Inner {
 /// entry. Another user's request is a cache miss and gets the store's
 /// `NotFound`, exactly like a missing chat.
 ///
-/// Admission control ([`with_max_running_turns`](Self::with_max_running_turns),
-/// off by default): at most N turns generate at once; a turn beyond that has
-/// its user message stored and its stream open, and waits (first come, first
+/// Admission control ([`with_max_running_turns`](Self::with_max_running_turns)
+/// or [`with_adaptive_admission`](Self::with_adaptive_admission), off by
+/// default): at most N turns generate at once; a turn beyond that has its
+/// user message stored and its stream open, and waits (first come, first
 /// served) for its first token instead of slowing every running stream down.
 /// A queued turn can be stopped, resumed and deleted like a running one.
 #[derive(Debug, Clone)]
@@ -1147,6 +1148,37 @@ mod tests {
             assert_eq!(stored[1].status, MessageStatus::Complete);
             assert_eq!(stored[1].message.text(), expected_text(5));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_bound_admits_queued_turns_while_the_runtime_keeps_up() {
+        let model = DemoModel::new(50).with_delay(Duration::from_millis(10));
+        let (store, sessions, user, chats) = admission_fixture(1, model, 3).await;
+        let sessions = sessions.with_adaptive_admission(AdaptiveAdmission::new(1, 1, 3));
+        let mut turns = Vec::new();
+        for chat in &chats {
+            turns.push(ask(&sessions, &user, chat, "hi").await.unwrap());
+        }
+        until_queued(&sessions, 2).await;
+        assert_eq!(sessions.admission_bound(), Some(1));
+        // Paused time: every timer fires on time, so each 100 ms window
+        // with turns queued raises the bound by one, up to its max.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(sessions.admission_bound(), Some(3));
+        assert_eq!(sessions.queued(), 0, "all three generate at once");
+        for turn in turns {
+            turn.frames.collect::<Vec<_>>().await;
+        }
+        for chat in &chats {
+            let stored = store.load_messages(&user, chat).await.unwrap();
+            assert_eq!(stored[1].status, MessageStatus::Complete);
+            assert_eq!(stored[1].message.text(), expected_text(50));
+        }
+        assert_eq!(
+            sessions.admission_bound(),
+            Some(3),
+            "nothing queued: it stays"
+        );
     }
 
     #[tokio::test(start_paused = true)]
