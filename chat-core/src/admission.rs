@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// The bound moves every [`window`](Self::window): by a sixteenth up, by an
 /// eighth down, within `min..=max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AdaptiveAdmission {
     /// The bound to start from.
     pub initial: usize,
@@ -195,7 +196,9 @@ impl Admission {
         let Some(settings) = self.adaptive else {
             return;
         };
-        if self.controlled.swap(true, Ordering::AcqRel) {
+        // A plain load first: every admission passes here, and only the
+        // first may write the shared flag.
+        if self.controlled.load(Ordering::Relaxed) || self.controlled.swap(true, Ordering::AcqRel) {
             return;
         }
         tokio::spawn(control(Arc::downgrade(self), settings));
