@@ -249,6 +249,28 @@ impl Draft {
         })
     }
 
+    /// Adds `delta` to the open text (`reasoning` false) or reasoning part,
+    /// closing the other kind and opening this one first when needed, and
+    /// emits it.
+    fn append(&mut self, reasoning: bool, delta: &str, sink: &mut dyn ChunkSink) {
+        if reasoning {
+            self.close_text(sink);
+        } else {
+            self.close_reasoning(sink);
+        }
+        let open = match (reasoning, &mut self.open_reasoning, &mut self.open_text) {
+            (true, Some(open), _) | (false, _, Some(open)) => open,
+            _ => self.open(reasoning, sink),
+        };
+        open.text.push_str(delta);
+        let (id, delta) = (Cow::Borrowed(open.id.as_str()), Cow::Borrowed(delta));
+        sink.emit(&if reasoning {
+            UiChunk::ReasoningDelta { id, delta }
+        } else {
+            UiChunk::TextDelta { id, delta }
+        });
+    }
+
     /// Moves an open part's text into its place in the message, marked done.
     fn settle(parts: &mut [Part], open: OpenPart) -> String {
         if let Some(t) = open.slot(parts) {
@@ -741,30 +763,8 @@ impl TurnRunner {
                     Some(Ok(e)) => e,
                 };
                 match event {
-                    ModelEvent::TextDelta(delta) => {
-                        draft.close_reasoning(sink);
-                        let open = match draft.open_text {
-                            Some(ref mut open) => open,
-                            None => draft.open(false, sink),
-                        };
-                        open.text.push_str(&delta);
-                        sink.emit(&UiChunk::TextDelta {
-                            id: Cow::Borrowed(&open.id),
-                            delta: Cow::Borrowed(&delta),
-                        });
-                    }
-                    ModelEvent::ReasoningDelta(delta) => {
-                        draft.close_text(sink);
-                        let open = match draft.open_reasoning {
-                            Some(ref mut open) => open,
-                            None => draft.open(true, sink),
-                        };
-                        open.text.push_str(&delta);
-                        sink.emit(&UiChunk::ReasoningDelta {
-                            id: Cow::Borrowed(&open.id),
-                            delta: Cow::Borrowed(&delta),
-                        });
-                    }
+                    ModelEvent::TextDelta(delta) => draft.append(false, &delta, sink),
+                    ModelEvent::ReasoningDelta(delta) => draft.append(true, &delta, sink),
                     ModelEvent::ToolInputStart { id, name } => {
                         draft.close_all(sink);
                         sink.emit(&UiChunk::ToolInputStart {
