@@ -79,38 +79,76 @@ pub(crate) trait RowWriter: Send + Sync + 'static {
     /// Nothing is queued or in flight: give back any connection kept
     /// between batches (see [`HeldConnections`]).
     fn idle(&self) {}
+
+    /// How long the writer waits, idle, before it calls [`idle`](Self::idle)
+    /// (zero: at once).
+    fn idle_grace(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
-/// How long a batch writer keeps one pool connection across back-to-back
-/// batches before it gives the connection back, so the pool's other users
-/// (chat creation, renames, deletes; on SQLite the one writer connection is
-/// all there is) wait for at most this plus one batch.
-const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(10);
-
-/// Pool connections a batch writer keeps while writes keep coming. Giving a
+/// How a batch writer keeps pool connections between batches. Giving a
 /// connection back to a sqlx pool spawns a task that pings it (a round trip
-/// to SQLite's connection thread or to the Postgres server) before anyone may
-/// take it again; with one writer connection that round trip sat between
-/// every two batches, on the path every message write waits for.
+/// to SQLite's connection thread or to the Postgres server), and taking one
+/// pings it again unless the pool was told not to: with the connection given
+/// back between every two batches, those round trips sat in front of the
+/// batches every message write waits for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HoldPolicy {
+    /// A connection is given back once it was held this long, so the pool can
+    /// check and recycle it (and, on SQLite, whose one writer connection is
+    /// all there is, so the pool's other users (chat creation, renames,
+    /// deletes) wait for at most this plus one batch).
+    pub at_most: std::time::Duration,
+    /// Held connections are given back once no write came for this long.
+    /// Zero: as soon as the writer has nothing queued or in flight.
+    pub idle_grace: std::time::Duration,
+}
+
+impl HoldPolicy {
+    /// SQLite: one writer connection, shared with the pool's other users.
+    pub(crate) const SHARED: Self = Self {
+        at_most: std::time::Duration::from_millis(10),
+        idle_grace: std::time::Duration::ZERO,
+    };
+    /// Postgres: the pool has connections to spare, so each lane keeps its
+    /// own across idle moments (a user message that found the writer idle
+    /// used to wait for a ping before its statement).
+    pub(crate) const DEDICATED: Self = Self {
+        at_most: std::time::Duration::from_secs(60),
+        idle_grace: std::time::Duration::from_secs(1),
+    };
+}
+
+/// Pool connections a batch writer keeps while writes keep coming (see
+/// [`HoldPolicy`]).
 pub(crate) struct HeldConnections<DB: sqlx::Database> {
     conns: std::sync::Mutex<Vec<(sqlx::pool::PoolConnection<DB>, std::time::Instant)>>,
+    policy: HoldPolicy,
 }
 
 impl<DB: sqlx::Database> std::fmt::Debug for HeldConnections<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeldConnections").finish_non_exhaustive()
-    }
-}
-
-impl<DB: sqlx::Database> Default for HeldConnections<DB> {
-    fn default() -> Self {
-        Self {
-            conns: std::sync::Mutex::new(Vec::new()),
-        }
+        f.debug_struct("HeldConnections")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
 impl<DB: sqlx::Database> HeldConnections<DB> {
+    /// None held yet; kept as `policy` says.
+    pub(crate) fn new(policy: HoldPolicy) -> Self {
+        Self {
+            conns: std::sync::Mutex::new(Vec::new()),
+            policy,
+        }
+    }
+
+    /// How long after its last write the writer gives its connections back.
+    pub(crate) fn idle_grace(&self) -> std::time::Duration {
+        self.policy.idle_grace
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, Vec<(sqlx::pool::PoolConnection<DB>, std::time::Instant)>> {
@@ -135,10 +173,11 @@ impl<DB: sqlx::Database> HeldConnections<DB> {
     }
 
     /// Keeps `conn` for the next batch, or gives it back once it was held
-    /// [`HOLD_AT_MOST`]. Only a connection whose last statement succeeded
-    /// should come here; after an error the pool's own check should see it.
+    /// [`HoldPolicy::at_most`]. Only a connection whose last statement
+    /// succeeded should come here; after an error the pool's own check
+    /// should see it.
     pub(crate) fn keep(&self, conn: sqlx::pool::PoolConnection<DB>, since: std::time::Instant) {
-        if since.elapsed() < HOLD_AT_MOST {
+        if since.elapsed() < self.policy.at_most {
             self.lock().push((conn, since));
         }
     }
@@ -231,6 +270,13 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
     let mut busy_chats: Set<String> = Set::default();
     let mut busy_ids: Set<String> = Set::default();
     let mut open = true;
+    let idle_grace = writer.idle_grace();
+    // Armed when the writer falls idle with a grace period to wait out.
+    let idle_timer = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(idle_timer);
+    let mut idle_armed = false;
+    // A batch was written since the connections were last given back.
+    let mut holding = false;
     loop {
         while pending.len() < MAX_BATCH * 8 {
             match rx.try_recv() {
@@ -248,6 +294,7 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
                 // A stable lock order across batches (Postgres locks the chat rows).
                 batch.sort_by(|a, b| a.chat.cmp(&b.chat));
                 let writer = writer.clone();
+                holding = true;
                 inflight.push(async move {
                     write_chunk(&*writer, &mut batch).await;
                     batch
@@ -256,12 +303,27 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
             }
         }
         if inflight.is_empty() && pending.is_empty() {
-            writer.idle();
             if !open {
+                writer.idle();
                 return;
             }
+            if idle_grace.is_zero() {
+                writer.idle();
+            } else if holding && !idle_armed {
+                idle_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + idle_grace);
+                idle_armed = true;
+            }
+        } else {
+            idle_armed = false;
         }
         tokio::select! {
+            () = &mut idle_timer, if idle_armed => {
+                writer.idle();
+                idle_armed = false;
+                holding = false;
+            }
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 for job in done {
                     busy_chats.remove(&job.chat);
@@ -527,6 +589,85 @@ mod tests {
 
         fn lanes(&self) -> usize {
             self.lanes
+        }
+    }
+
+    /// Counts batches and the times the writer gave its connections back.
+    struct IdleCounter {
+        grace: std::time::Duration,
+        idles: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl RowWriter for IdleCounter {
+        async fn write_rows(&self, jobs: &[Job]) -> Result<u64, StoreError> {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            Ok(jobs.len() as u64)
+        }
+
+        async fn owns(&self, _: &UserId, _: &str) -> Result<bool, StoreError> {
+            Ok(true)
+        }
+
+        fn idle(&self) {
+            self.idles
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        fn idle_grace(&self) -> std::time::Duration {
+            self.grace
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_writer_gives_its_connections_back_after_the_idle_grace_only() {
+        let ms = std::time::Duration::from_millis;
+        let user = UserId::new("alice").unwrap();
+        let idles = |q: &WriteQueue<IdleCounter>| {
+            q.writer().idles.load(std::sync::atomic::Ordering::Relaxed)
+        };
+
+        // A grace of 1 s: writes 500 ms apart keep the connection; it goes
+        // back once, 1 s after the last write, and not again while idle.
+        let queue = WriteQueue::new(IdleCounter {
+            grace: ms(1000),
+            idles: std::sync::atomic::AtomicUsize::default(),
+        });
+        for i in 0..4 {
+            queue
+                .write(&user, "chat".into(), row(format!("m{i}")))
+                .await
+                .unwrap();
+            tokio::time::sleep(ms(500)).await;
+            assert_eq!(idles(&queue), 0, "given back between writes");
+        }
+        tokio::time::sleep(ms(600)).await;
+        assert_eq!(idles(&queue), 1, "given back after the grace");
+        tokio::time::sleep(ms(10_000)).await;
+        assert_eq!(idles(&queue), 1, "given back again with nothing held");
+        queue
+            .write(&user, "chat".into(), row("m9".into()))
+            .await
+            .unwrap();
+        tokio::time::sleep(ms(1100)).await;
+        assert_eq!(
+            idles(&queue),
+            2,
+            "held again after a write, given back again"
+        );
+
+        // No grace (SQLite's one shared connection): back after every idle moment.
+        let queue = WriteQueue::new(IdleCounter {
+            grace: std::time::Duration::ZERO,
+            idles: std::sync::atomic::AtomicUsize::default(),
+        });
+        for i in 0..3 {
+            queue
+                .write(&user, "chat".into(), row(format!("m{i}")))
+                .await
+                .unwrap();
+            tokio::time::sleep(ms(5)).await;
+            assert_eq!(idles(&queue), i + 1);
         }
     }
 

@@ -75,6 +75,8 @@ impl PostgresStore {
 
     /// Closes all connections.
     pub async fn close(&self) {
+        // The pool waits for every connection to come back, the writer's too.
+        crate::batch::RowWriter::idle(self.queue.writer());
         self.pool.close().await;
     }
 
@@ -98,7 +100,9 @@ message_store_impl!(
     touch_chats = true,
     // A batch is formed and sent while the previous one waits for its
     // commit's fsync (the server flushes both WAL records with one).
-    lanes = 2
+    lanes = 2,
+    // Each lane keeps its connection while writes keep coming.
+    hold = DEDICATED
 );
 
 #[cfg(test)]
@@ -106,7 +110,7 @@ mod tests {
     use sqlx::{Connection as _, Executor as _, PgConnection, Row as _};
 
     use super::*;
-    use crate::batch::{CHUNK_SIZES, MAX_BATCH};
+    use crate::batch::{CHUNK_SIZES, HoldPolicy, MAX_BATCH};
 
     /// The test server (`TEST_POSTGRES_URL`); `None` when it is unreachable
     /// outside CI (under CI=true that is a failure).
@@ -124,6 +128,81 @@ mod tests {
                 None
             }
         }
+    }
+
+    /// The message writer keeps one pool connection between writes (no
+    /// health-check round trips in front of each batch), gives it back
+    /// after its idle grace, and never keeps `close` waiting.
+    #[tokio::test]
+    async fn the_writer_keeps_its_connection_between_writes_and_gives_it_back() {
+        use chat_core::{
+            ChatId, MessageId, MessageStatus, MessageStore as _, NewChat, StoredMessage, UiMessage,
+            UserId,
+        };
+        let Some((mut admin, url)) = admin().await else {
+            return;
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .await
+            .expect("create schema");
+        let opts = PgConnectOptions::from_str(&url)
+            .expect("url")
+            .options([("search_path", schema.as_str())]);
+        let store = PostgresStore::connect_with(opts, 4).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        let user = UserId::new("alice").expect("user");
+        let chat = store
+            .create_chat(
+                &user,
+                NewChat {
+                    id: ChatId::new(),
+                    title: None,
+                    created_at: 1,
+                },
+            )
+            .await
+            .expect("chat");
+        let checked_out = |s: &PostgresStore| s.pool().size() as usize - s.pool().num_idle();
+        let message = |i: i64| StoredMessage {
+            message: UiMessage::user_text(MessageId::new(), format!("hello {i}")),
+            created_at: i,
+            updated_at: i,
+            status: MessageStatus::Complete,
+        };
+        for i in 0..5 {
+            store
+                .upsert_message(&user, &chat.id, &message(i))
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(checked_out(&store), 1, "the writer holds one connection");
+        }
+        tokio::time::sleep(HoldPolicy::DEDICATED.idle_grace + Duration::from_millis(500)).await;
+        assert_eq!(checked_out(&store), 0, "given back after the idle grace");
+
+        store
+            .upsert_message(&user, &chat.id, &message(9))
+            .await
+            .expect("write");
+        assert_eq!(checked_out(&store), 1);
+        tokio::time::timeout(HoldPolicy::DEDICATED.idle_grace / 2, store.close())
+            .await
+            .expect("close does not wait for the writer's idle grace");
+        assert_eq!(
+            store
+                .load_messages(&user, &chat.id)
+                .await
+                .map(|m| m.len())
+                .ok(),
+            None,
+            "closed"
+        );
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .await
+            .expect("drop schema");
     }
 
     /// Every batch size looks its chats up by key, in the insert and in the

@@ -179,5 +179,7 @@ message_store_impl!(
     // The triggers of migration 0002 advance the chat.
     touch_chats = false,
     // One writer connection: SQLite takes one write transaction at a time.
-    lanes = 1
+    lanes = 1,
+    // ...which the pool's other users share: given back often.
+    hold = SHARED
 );

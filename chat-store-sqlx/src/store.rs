@@ -7,7 +7,7 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
 /// Implements `chat_core::MessageStore` for `$store` (which has `reader()`,
 /// `writer()` and `max_row_bytes`). Every statement is scoped by user id in SQL.
 macro_rules! message_store_impl {
-    ($store:ty, db = $db:ty, pool = $pool:ty, greatest = $greatest:literal, lookup = $lookup:ident, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal) => {
+    ($store:ty, db = $db:ty, pool = $pool:ty, greatest = $greatest:literal, lookup = $lookup:ident, numbered = $numbered:literal, touch_chats = $touch:literal, lanes = $lanes:literal, hold = $hold:ident) => {
         /// Group commit of message writes over this backend's writer pool.
         #[derive(Debug)]
         pub(crate) struct BatchWriter {
@@ -20,7 +20,7 @@ macro_rules! message_store_impl {
             pub(crate) fn new(pool: $pool) -> Self {
                 Self {
                     pool,
-                    held: $crate::batch::HeldConnections::default(),
+                    held: $crate::batch::HeldConnections::new($crate::batch::HoldPolicy::$hold),
                 }
             }
 
@@ -112,6 +112,10 @@ macro_rules! message_store_impl {
 
             fn idle(&self) {
                 self.held.release();
+            }
+
+            fn idle_grace(&self) -> std::time::Duration {
+                self.held.idle_grace()
             }
         }
 
