@@ -18,6 +18,7 @@ mod batch;
 #[cfg(feature = "coordination")]
 pub mod coordination;
 mod error;
+mod pool;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod schema;

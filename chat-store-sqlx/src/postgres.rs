@@ -13,9 +13,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use crate::batch::WriteQueue;
 use crate::store::{DEFAULT_MAX_ROW_BYTES, message_store_impl};
 
-/// A pooled connection idle this long is pinged before it is handed out.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
-
 /// Chats and messages in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -35,27 +32,14 @@ impl PostgresStore {
 
     /// Connects with explicit options (e.g. a `search_path`) and pool size.
     /// A pooled connection is checked (pinged) when it comes back to the
-    /// pool, and before it is handed out only after 10 s idle.
+    /// pool, and before it is handed out only after 1 s idle.
     pub async fn connect_with(
         opts: PgConnectOptions,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
+        let pool = crate::pool::checked_when_stale(PgPoolOptions::new())
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            // sqlx pings every connection given back to the pool, and by
-            // default again before handing it out: a read paid two extra
-            // round trips to the server. Check only connections that sat
-            // idle long enough to have gone stale.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
-                })
-            })
             .connect_with(opts)
             .await
             .map_err(crate::error::map)?;

@@ -99,7 +99,7 @@ impl SqliteStore {
         let opts = opts
             .journal_mode(SqliteJournalMode::Wal)
             .pragma("mmap_size", MMAP_BYTES.to_string());
-        let writer = SqlitePoolOptions::new()
+        let writer = crate::pool::checked_when_stale(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(
@@ -111,7 +111,7 @@ impl SqliteStore {
         let readers = std::thread::available_parallelism()
             .map_or(4, |n| n.get() * 2)
             .max(4) as u32;
-        let reader = SqlitePoolOptions::new()
+        let reader = crate::pool::checked_when_stale(SqlitePoolOptions::new())
             .max_connections(readers)
             .connect_with(opts.clone().read_only(true))
             .await
