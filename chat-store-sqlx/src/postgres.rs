@@ -207,6 +207,64 @@ mod tests {
             .expect("drop schema");
     }
 
+    /// A pooled connection that sat idle past the ping window is checked
+    /// before use: one whose server process went away is replaced, and the
+    /// read succeeds.
+    #[tokio::test]
+    async fn a_stale_pooled_connection_whose_server_went_away_is_replaced() {
+        use chat_core::{ChatId, MessageStore as _, NewChat, UserId};
+        let Some((mut admin, url)) = admin().await else {
+            return;
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .await
+            .expect("create schema");
+        let opts = PgConnectOptions::from_str(&url)
+            .expect("url")
+            .options([("search_path", schema.as_str())]);
+        let store = PostgresStore::connect_with(opts, 1).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        let user = UserId::new("alice").expect("user");
+        let chat = store
+            .create_chat(
+                &user,
+                NewChat {
+                    id: ChatId::new(),
+                    title: None,
+                    created_at: 1,
+                },
+            )
+            .await
+            .expect("chat");
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await
+            .expect("pid");
+        tokio::time::sleep(crate::pool::PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .expect("terminate");
+        assert!(killed);
+        store
+            .get_chat(&user, &chat.id)
+            .await
+            .expect("read on a new connection");
+        let new_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await
+            .expect("pid");
+        assert_ne!(pid, new_pid);
+        store.close().await;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .await
+            .expect("drop schema");
+    }
+
     /// Every batch size looks its chats up by key, in the insert and in the
     /// chat update: no statement reads the whole `chats` table (a plain join
     /// made Postgres hash all 5,000 chats here for 32 rows and more).
