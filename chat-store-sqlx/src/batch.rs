@@ -626,13 +626,16 @@ mod tests {
         let idles = |q: &WriteQueue<IdleCounter>| {
             q.writer().idles.load(std::sync::atomic::Ordering::Relaxed)
         };
+        let queue_with_grace = |grace| {
+            WriteQueue::new(IdleCounter {
+                grace,
+                idles: std::sync::atomic::AtomicUsize::default(),
+            })
+        };
 
         // A grace of 1 s: writes 500 ms apart keep the connection; it goes
         // back once, 1 s after the last write, and not again while idle.
-        let queue = WriteQueue::new(IdleCounter {
-            grace: ms(1000),
-            idles: std::sync::atomic::AtomicUsize::default(),
-        });
+        let queue = queue_with_grace(ms(1000));
         for i in 0..4 {
             queue
                 .write(&user, "chat".into(), row(format!("m{i}")))
@@ -657,10 +660,7 @@ mod tests {
         );
 
         // No grace (SQLite's one shared connection): back after every idle moment.
-        let queue = WriteQueue::new(IdleCounter {
-            grace: std::time::Duration::ZERO,
-            idles: std::sync::atomic::AtomicUsize::default(),
-        });
+        let queue = queue_with_grace(std::time::Duration::ZERO);
         for i in 0..3 {
             queue
                 .write(&user, "chat".into(), row(format!("m{i}")))

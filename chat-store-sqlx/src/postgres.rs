@@ -132,18 +132,18 @@ mod tests {
         }
     }
 
-    /// The message writer keeps one pool connection between writes (no
-    /// health-check round trips in front of each batch), gives it back
-    /// after its idle grace, and never keeps `close` waiting.
-    #[tokio::test]
-    async fn the_writer_keeps_its_connection_between_writes_and_gives_it_back() {
-        use chat_core::{
-            ChatId, MessageId, MessageStatus, MessageStore as _, NewChat, StoredMessage, UiMessage,
-            UserId,
-        };
-        let Some((mut admin, url)) = admin().await else {
-            return;
-        };
+    /// A store in a schema of its own, dropped by [`Scratch::drop_schema`].
+    struct Scratch {
+        admin: PgConnection,
+        schema: String,
+        opts: PgConnectOptions,
+        store: PostgresStore,
+    }
+
+    /// A migrated store with a pool of `max_connections` in a new schema;
+    /// `None` as for [`admin`].
+    async fn scratch(max_connections: u32) -> Option<Scratch> {
+        let (mut admin, url) = admin().await?;
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         admin
             .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
@@ -152,20 +152,61 @@ mod tests {
         let opts = PgConnectOptions::from_str(&url)
             .expect("url")
             .options([("search_path", schema.as_str())]);
-        let store = PostgresStore::connect_with(opts, 4).await.expect("connect");
-        store.migrate().await.expect("migrate");
-        let user = UserId::new("alice").expect("user");
-        let chat = store
-            .create_chat(
-                &user,
-                NewChat {
-                    id: ChatId::new(),
-                    title: None,
-                    created_at: 1,
-                },
-            )
+        let store = PostgresStore::connect_with(opts.clone(), max_connections)
             .await
-            .expect("chat");
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        Some(Scratch {
+            admin,
+            schema,
+            opts,
+            store,
+        })
+    }
+
+    impl Scratch {
+        /// A chat of a user `alice`.
+        async fn alice_chat(&self) -> (chat_core::UserId, chat_core::ChatId) {
+            use chat_core::MessageStore as _;
+            let user = chat_core::UserId::new("alice").expect("user");
+            let chat = self
+                .store
+                .create_chat(
+                    &user,
+                    chat_core::NewChat {
+                        id: chat_core::ChatId::new(),
+                        title: None,
+                        created_at: 1,
+                    },
+                )
+                .await
+                .expect("chat");
+            (user, chat.id)
+        }
+
+        async fn drop_schema(mut self) {
+            self.store.close().await;
+            self.admin
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA {} CASCADE",
+                    self.schema
+                )))
+                .await
+                .expect("drop schema");
+        }
+    }
+
+    /// The message writer keeps one pool connection between writes (no
+    /// health-check round trips in front of each batch), gives it back
+    /// after its idle grace, and never keeps `close` waiting.
+    #[tokio::test]
+    async fn the_writer_keeps_its_connection_between_writes_and_gives_it_back() {
+        use chat_core::{MessageId, MessageStatus, MessageStore as _, StoredMessage, UiMessage};
+        let Some(scratch) = scratch(4).await else {
+            return;
+        };
+        let (user, chat) = scratch.alice_chat().await;
+        let store = &scratch.store;
         let checked_out = |s: &PostgresStore| s.pool().size() as usize - s.pool().num_idle();
         let message = |i: i64| StoredMessage {
             message: UiMessage::user_text(MessageId::new(), format!("hello {i}")),
@@ -175,36 +216,33 @@ mod tests {
         };
         for i in 0..5 {
             store
-                .upsert_message(&user, &chat.id, &message(i))
+                .upsert_message(&user, &chat, &message(i))
                 .await
                 .expect("write");
             tokio::time::sleep(Duration::from_millis(100)).await;
-            assert_eq!(checked_out(&store), 1, "the writer holds one connection");
+            assert_eq!(checked_out(store), 1, "the writer holds one connection");
         }
         tokio::time::sleep(HoldPolicy::DEDICATED.idle_grace + Duration::from_millis(500)).await;
-        assert_eq!(checked_out(&store), 0, "given back after the idle grace");
+        assert_eq!(checked_out(store), 0, "given back after the idle grace");
 
         store
-            .upsert_message(&user, &chat.id, &message(9))
+            .upsert_message(&user, &chat, &message(9))
             .await
             .expect("write");
-        assert_eq!(checked_out(&store), 1);
+        assert_eq!(checked_out(store), 1);
         tokio::time::timeout(HoldPolicy::DEDICATED.idle_grace / 2, store.close())
             .await
             .expect("close does not wait for the writer's idle grace");
         assert_eq!(
             store
-                .load_messages(&user, &chat.id)
+                .load_messages(&user, &chat)
                 .await
                 .map(|m| m.len())
                 .ok(),
             None,
             "closed"
         );
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-            .await
-            .expect("drop schema");
+        scratch.drop_schema().await;
     }
 
     /// A pooled connection that sat idle past the ping window is checked
@@ -212,57 +250,33 @@ mod tests {
     /// read succeeds.
     #[tokio::test]
     async fn a_stale_pooled_connection_whose_server_went_away_is_replaced() {
-        use chat_core::{ChatId, MessageStore as _, NewChat, UserId};
-        let Some((mut admin, url)) = admin().await else {
+        use chat_core::MessageStore as _;
+        let Some(mut scratch) = scratch(1).await else {
             return;
         };
-        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .await
-            .expect("create schema");
-        let opts = PgConnectOptions::from_str(&url)
-            .expect("url")
-            .options([("search_path", schema.as_str())]);
-        let store = PostgresStore::connect_with(opts, 1).await.expect("connect");
-        store.migrate().await.expect("migrate");
-        let user = UserId::new("alice").expect("user");
-        let chat = store
-            .create_chat(
-                &user,
-                NewChat {
-                    id: ChatId::new(),
-                    title: None,
-                    created_at: 1,
-                },
-            )
-            .await
-            .expect("chat");
+        let (user, chat) = scratch.alice_chat().await;
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(store.pool())
+            .fetch_one(scratch.store.pool())
             .await
             .expect("pid");
         tokio::time::sleep(crate::pool::PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
         let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
             .bind(pid)
-            .fetch_one(&mut admin)
+            .fetch_one(&mut scratch.admin)
             .await
             .expect("terminate");
         assert!(killed);
-        store
-            .get_chat(&user, &chat.id)
+        scratch
+            .store
+            .get_chat(&user, &chat)
             .await
             .expect("read on a new connection");
         let new_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(store.pool())
+            .fetch_one(scratch.store.pool())
             .await
             .expect("pid");
         assert_ne!(pid, new_pid);
-        store.close().await;
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-            .await
-            .expect("drop schema");
+        scratch.drop_schema().await;
     }
 
     /// Every batch size looks its chats up by key, in the insert and in the
@@ -270,22 +284,12 @@ mod tests {
     /// made Postgres hash all 5,000 chats here for 32 rows and more).
     #[tokio::test]
     async fn batch_upserts_look_chats_up_by_key() {
-        let Some((mut admin, url)) = admin().await else {
+        let Some(scratch) = scratch(2).await else {
             return;
         };
-        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .await
-            .expect("create schema");
-        let opts = PgConnectOptions::from_str(&url)
-            .expect("url")
-            .options([("search_path", schema.as_str())]);
-        let store = PostgresStore::connect_with(opts.clone(), 2)
+        let mut conn = PgConnection::connect_with(&scratch.opts)
             .await
             .expect("connect");
-        store.migrate().await.expect("migrate");
-        let mut conn = PgConnection::connect_with(&opts).await.expect("connect");
         conn.execute(
             "INSERT INTO chats (id, user_id, created_at, updated_at) \
              SELECT 'chat-' || i, 'user-' || i, 0, 0 FROM generate_series(1, 5000) AS i",
@@ -327,10 +331,6 @@ mod tests {
         }
 
         drop(conn);
-        store.close().await;
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-            .await
-            .expect("drop schema");
+        scratch.drop_schema().await;
     }
 }
