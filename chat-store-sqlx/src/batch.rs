@@ -592,7 +592,7 @@ mod tests {
         }
     }
 
-    /// Counts batches and the times the writer gave its connections back.
+    /// Counts the times the writer gave its connections back.
     struct IdleCounter {
         grace: std::time::Duration,
         idles: std::sync::atomic::AtomicUsize,
