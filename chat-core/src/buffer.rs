@@ -134,16 +134,25 @@ impl TurnBuffer {
 
     /// Appends a frame (copied) and wakes followers. Ignored after [`close`](Self::close).
     pub fn push(&self, frame: &[u8]) {
-        self.append(|open| open.extend_from_slice(frame), frame.len());
+        self.append(|open| open.extend_from_slice(frame), frame.len(), true);
     }
 
     /// Encodes `chunk` as a frame straight into the buffer and wakes followers.
     /// Ignored after [`close`](Self::close).
     pub fn push_chunk(&self, chunk: &UiChunk<'_>) {
-        self.append(|open| SseEncoder::encode_into(open, chunk), 0);
+        self.append(|open| SseEncoder::encode_into(open, chunk), 0, true);
     }
 
-    fn append(&self, write: impl FnOnce(&mut BytesMut), need: usize) {
+    /// Encodes `chunk` as a frame into the buffer without waking followers:
+    /// a follower that polls reads it, a waiting one gets it with the next
+    /// [`push`](Self::push), [`push_chunk`](Self::push_chunk) or
+    /// [`close`](Self::close). For frames that need not travel alone (each
+    /// wake makes the response write a packet of its own). Ignored after close.
+    pub fn push_chunk_held(&self, chunk: &UiChunk<'_>) {
+        self.append(|open| SseEncoder::encode_into(open, chunk), 0, false);
+    }
+
+    fn append(&self, write: impl FnOnce(&mut BytesMut), need: usize, wake: bool) {
         let mut s = self.lock();
         if s.closed {
             return;
@@ -151,8 +160,10 @@ impl TurnBuffer {
         s.room(need);
         write(&mut s.open);
         s.end_frame();
-        // Waking only schedules the follower.
-        s.followers.wake_all();
+        if wake {
+            // Waking only schedules the follower.
+            s.followers.wake_all();
+        }
     }
 
     /// Appends the final `[DONE]` frame and ends every follower's stream after it.
@@ -326,6 +337,52 @@ mod tests {
         buf.close();
         assert_eq!(&follower.next().await.unwrap()[..], &SseEncoder::done()[..]);
         assert!(follower.next().await.is_none());
+    }
+
+    /// Counts the wakes of a waker.
+    #[derive(Default)]
+    struct WakeCount(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for WakeCount {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_held_frame_wakes_no_follower_and_goes_with_the_next_one() {
+        let buf = Arc::new(TurnBuffer::new());
+        let wakes = Arc::new(WakeCount::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut follower = buf.clone().follow();
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(Pin::new(&mut follower).poll_next(&mut cx).is_pending());
+        buf.push_chunk_held(&UiChunk::TextEnd { id: "t".into() });
+        buf.push_chunk_held(&UiChunk::FinishStep);
+        assert_eq!(count(), 0, "a held frame woke the follower");
+        buf.push_chunk(&UiChunk::Abort);
+        assert_eq!(count(), 1);
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(f)) = Pin::new(&mut follower).poll_next(&mut cx) {
+            got.extend_from_slice(&f);
+        }
+        let mut enc = SseEncoder::new();
+        let want: Vec<u8> = [
+            UiChunk::TextEnd { id: "t".into() },
+            UiChunk::FinishStep,
+            UiChunk::Abort,
+        ]
+        .iter()
+        .flat_map(|c| enc.encode(c).to_vec())
+        .collect();
+        assert_eq!(got, want);
+        // A follower that polls reads a held frame at once.
+        buf.push_chunk_held(&UiChunk::FinishStep);
+        let Poll::Ready(Some(f)) = Pin::new(&mut follower).poll_next(&mut cx) else {
+            panic!("the held frame was not readable");
+        };
+        assert_eq!(&f[..], &enc.encode(&UiChunk::FinishStep)[..]);
     }
 
     #[tokio::test]

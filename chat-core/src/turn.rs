@@ -120,6 +120,26 @@ impl Default for TurnConfig {
 pub trait ChunkSink: crate::MaybeSendSync {
     /// Called once per chunk, in order. Must not block.
     fn emit(&mut self, chunk: &UiChunk<'_>);
+
+    /// Like [`emit`](Self::emit), for a chunk that readers may get together
+    /// with the next emitted one rather than at once. The turn holds the
+    /// chunks that close its last step (`text-end`, `finish-step`): the
+    /// final chunk follows them as soon as the answer is stored, and a
+    /// stream's reader then gets the three in one write instead of two.
+    /// A chunk held is never the last: `finish`, `error` or `abort` always
+    /// follows. Defaults to `emit`.
+    fn emit_held(&mut self, chunk: &UiChunk<'_>) {
+        self.emit(chunk);
+    }
+}
+
+/// A sink that holds every chunk it is given (see [`ChunkSink::emit_held`]).
+struct Held<'s>(&'s mut dyn ChunkSink);
+
+impl ChunkSink for Held<'_> {
+    fn emit(&mut self, chunk: &UiChunk<'_>) {
+        self.0.emit_held(chunk);
+    }
 }
 
 impl<F: FnMut(&UiChunk<'_>) + crate::MaybeSendSync> ChunkSink for F {
@@ -820,7 +840,13 @@ impl TurnRunner {
                         calls.push((id, name, input));
                     }
                     ModelEvent::Finish { reason, usage } => {
-                        draft.close_all(sink);
+                        if calls.is_empty() {
+                            // The turn's last step: its final chunk comes
+                            // right after the answer's write.
+                            draft.close_all(&mut Held(sink));
+                        } else {
+                            draft.close_all(sink);
+                        }
                         if let Some(u) = usage {
                             draft.usage.get_or_insert_with(Usage::default).add(&u);
                         }
@@ -885,11 +911,12 @@ impl TurnRunner {
                     }
                 }
             }
-            sink.emit(&UiChunk::FinishStep);
             let reason = step_reason.unwrap_or(FinishReason::Other);
             if calls.is_empty() {
+                sink.emit_held(&UiChunk::FinishStep);
                 return End::Finished(reason);
             }
+            sink.emit(&UiChunk::FinishStep);
             if cancel.is_cancelled() {
                 return End::Aborted;
             }
@@ -1023,6 +1050,10 @@ impl BufferSink {
 impl ChunkSink for BufferSink {
     fn emit(&mut self, chunk: &UiChunk<'_>) {
         self.buffer.push_chunk(chunk);
+    }
+
+    fn emit_held(&mut self, chunk: &UiChunk<'_>) {
+        self.buffer.push_chunk_held(chunk);
     }
 }
 

@@ -169,3 +169,61 @@ async fn stop_closes_open_parts_then_aborts() {
     ]);
     assert_eq!(got, want);
 }
+
+/// Records each chunk's type and whether the turn held it (`emit_held`).
+#[derive(Default)]
+struct HoldRecorder(Vec<(bool, String)>);
+
+impl HoldRecorder {
+    fn record(&mut self, held: bool, chunk: &UiChunk<'_>) {
+        let json = serde_json::to_value(chunk).unwrap();
+        self.0
+            .push((held, json["type"].as_str().unwrap().to_owned()));
+    }
+}
+
+impl chat_core::ChunkSink for HoldRecorder {
+    fn emit(&mut self, chunk: &UiChunk<'_>) {
+        self.record(false, chunk);
+    }
+
+    fn emit_held(&mut self, chunk: &UiChunk<'_>) {
+        self.record(true, chunk);
+    }
+}
+
+#[tokio::test]
+async fn only_the_last_steps_closing_chunks_are_held_for_the_final_one() {
+    let store: Arc<dyn MessageStore> = Arc::new(InMemoryStore::new());
+    let config = TurnConfig {
+        tools: demo_tools(),
+        ..TurnConfig::default()
+    };
+    let model = DemoModel::new(1).with_script(DemoScript::ToolCall);
+    let runner = TurnRunner::new(store.clone(), Arc::new(model), config);
+    let turn = prepared(&store, &runner, "hi").await;
+    let mut sink = HoldRecorder::default();
+    runner.run(turn, &mut sink, &CancellationToken::new()).await;
+    let held: Vec<(bool, &str)> = sink.0.iter().map(|(h, t)| (*h, t.as_str())).collect();
+    assert_eq!(
+        held,
+        [
+            (false, "start"),
+            (false, "start-step"),
+            (false, "tool-input-start"),
+            (false, "tool-input-delta"),
+            (false, "tool-input-delta"),
+            (false, "tool-input-available"),
+            (false, "tool-output-available"),
+            // The tool step's end goes out at once: the next step waits on the model.
+            (false, "finish-step"),
+            (false, "start-step"),
+            (false, "text-start"),
+            (false, "text-delta"),
+            // The last step's end waits for the final chunk, which follows the answer's write.
+            (true, "text-end"),
+            (true, "finish-step"),
+            (false, "finish"),
+        ]
+    );
+}

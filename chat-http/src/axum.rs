@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chat_core::{TurnStream, UI_STREAM_HEADERS, UserId};
-use futures::Stream as _;
+use futures::{Stream as _, StreamExt as _};
 use tower_http::cors::CorsLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -125,8 +125,30 @@ fn chat_id(raw: &str) -> Result<chat_core::ChatId, ApiError> {
     parse_chat_id(raw)
 }
 
-fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Response {
-    let mut res = Response::new(Body::new(SseBody::new(turn.frames, keep_alive)));
+/// How long a stream's response waits for the turn's first frame before its
+/// head goes out alone. A running turn pushes `start` as soon as it begins
+/// (within microseconds); a turn queued for admission may wait for seconds,
+/// and its head should not (nor should the handler's state stay alive).
+const HEAD_WAITS_FOR_FIRST_FRAME: Duration = Duration::from_millis(20);
+
+/// The response of a stream, sent with the turn's first frame when that
+/// comes within [`HEAD_WAITS_FOR_FIRST_FRAME`]: hyper writes a response's
+/// head in a packet of its own when the body has nothing to add yet, one
+/// packet (and one ACK back) more per stream than needed.
+async fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Response {
+    let mut frames = turn.frames;
+    let first = match tokio::time::timeout(HEAD_WAITS_FOR_FIRST_FRAME, frames.next()).await {
+        Ok(Some(frame)) => Some(frame),
+        // Ended without a frame: the body ends at once (an ended stream is not polled again).
+        Ok(None) => {
+            frames = chat_core::TurnFrames::from_stream(futures::stream::empty().boxed());
+            None
+        }
+        Err(_) => None,
+    };
+    let mut body = SseBody::new(frames, keep_alive);
+    body.first = first;
+    let mut res = Response::new(Body::new(body));
     for (k, v) in UI_STREAM_HEADERS {
         res.headers_mut().insert(k, HeaderValue::from_static(v));
     }
@@ -141,6 +163,8 @@ fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Response {
 /// while it cannot be due: the body goes pending once per token, and polling
 /// the timer there re-registered the task's waker with it every time.
 struct SseBody {
+    /// A frame read before the response was sent, to go out first.
+    first: Option<Bytes>,
     frames: chat_core::TurnFrames,
     keep_alive: Option<KeepAlive>,
 }
@@ -172,7 +196,11 @@ impl SseBody {
                 idle_ticks: 0,
             }
         });
-        Self { frames, keep_alive }
+        Self {
+            first: None,
+            frames,
+            keep_alive,
+        }
     }
 }
 
@@ -211,6 +239,9 @@ impl axum::body::HttpBody for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
+        if let Some(f) = this.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(f))));
+        }
         match Pin::new(&mut this.frames).poll_next(cx) {
             Poll::Ready(Some(f)) => {
                 if let Some(k) = &mut this.keep_alive {
@@ -319,7 +350,7 @@ async fn send(
     // it made hyper allocate a second 8 KiB buffer per connection meanwhile.
     drop(body);
     let turn = s.service.send_parsed(&user.0, &chat, request).await?;
-    Ok(stream_response(turn, s.keep_alive))
+    Ok(stream_response(turn, s.keep_alive).await)
 }
 
 /// Resumes the running generation (replay from its start, then live); 204 when none runs.
@@ -334,7 +365,7 @@ async fn resume(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     match s.service.resume(&user.0, &chat_id(&raw)?).await? {
-        Some(turn) => Ok(stream_response(turn, s.keep_alive)),
+        Some(turn) => Ok(stream_response(turn, s.keep_alive).await),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }

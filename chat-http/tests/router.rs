@@ -142,3 +142,41 @@ proptest! {
         let _ = parse_send_body(&chat_core::ChatId::new(), body.to_string().as_bytes());
     }
 }
+
+#[tokio::test]
+async fn a_stream_response_comes_with_its_first_frame() {
+    // hyper writes a response's head in a packet of its own when the body
+    // has nothing yet; the send handler waits for the turn's first frame.
+    let app = app(50, 15_000);
+    let (_, body) = call(
+        &app,
+        Request::post("/api/chat")
+            .header("x-user-id", "eager")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let chat: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = chat["chatId"].as_str().unwrap();
+    let msg = serde_json::json!({"message": {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}});
+    let req = Request::post(format!("/api/chat/{id}/messages"))
+        .header("x-user-id", "eager")
+        .header("content-type", "application/json")
+        .body(Body::from(msg.to_string()))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    // Polled once, without yielding to the turn's task: the frame is there.
+    let first = futures::FutureExt::now_or_never(body.frame())
+        .expect("the response came before the turn's first frame")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(first.starts_with(br#"data: {"type":"start","#), "{first:?}");
+    let rest = body.collect().await.unwrap().to_bytes();
+    let (chunks, done) = parse_sse(&[&first[..], &rest[..]].concat()).unwrap();
+    assert!(done);
+    assert_eq!(chunks.len(), 9, "{chunks:?}");
+}
