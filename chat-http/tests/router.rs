@@ -40,8 +40,8 @@ async fn call(app: &axum::Router, req: Request<Body>) -> (u16, Vec<u8>) {
     )
 }
 
-/// Sends one message through `app` and returns the stream's bytes.
-async fn one_turn(app: &axum::Router, user: &str) -> Vec<u8> {
+/// Creates a chat for `user` through `app`; the request that sends it one message.
+async fn send_request(app: &axum::Router, user: &str) -> Request<Body> {
     let (_, body) = call(
         app,
         Request::post("/api/chat")
@@ -53,12 +53,16 @@ async fn one_turn(app: &axum::Router, user: &str) -> Vec<u8> {
     let chat: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let id = chat["chatId"].as_str().unwrap();
     let msg = serde_json::json!({"message": {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}});
-    let req = Request::post(format!("/api/chat/{id}/messages"))
+    Request::post(format!("/api/chat/{id}/messages"))
         .header("x-user-id", user)
         .header("content-type", "application/json")
         .body(Body::from(msg.to_string()))
-        .unwrap();
-    let (status, body) = call(app, req).await;
+        .unwrap()
+}
+
+/// Sends one message through `app` and returns the stream's bytes.
+async fn one_turn(app: &axum::Router, user: &str) -> Vec<u8> {
+    let (status, body) = call(app, send_request(app, user).await).await;
     assert_eq!(status, 200);
     body
 }
@@ -148,22 +152,7 @@ async fn a_stream_response_comes_with_its_first_frame() {
     // hyper writes a response's head in a packet of its own when the body
     // has nothing yet; the send handler waits for the turn's first frame.
     let app = app(50, 15_000);
-    let (_, body) = call(
-        &app,
-        Request::post("/api/chat")
-            .header("x-user-id", "eager")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
-    let chat: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let id = chat["chatId"].as_str().unwrap();
-    let msg = serde_json::json!({"message": {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}});
-    let req = Request::post(format!("/api/chat/{id}/messages"))
-        .header("x-user-id", "eager")
-        .header("content-type", "application/json")
-        .body(Body::from(msg.to_string()))
-        .unwrap();
+    let req = send_request(&app, "eager").await;
     let res = app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), 200);
     let mut body = res.into_body();
