@@ -146,9 +146,7 @@ async fn stream_response(turn: TurnStream, keep_alive: Option<Duration>) -> Resp
         }
         Err(_) => None,
     };
-    let mut body = SseBody::new(frames, keep_alive);
-    body.first = first;
-    let mut res = Response::new(Body::new(body));
+    let mut res = Response::new(Body::new(SseBody::new(first, frames, keep_alive)));
     for (k, v) in UI_STREAM_HEADERS {
         res.headers_mut().insert(k, HeaderValue::from_static(v));
     }
@@ -184,7 +182,7 @@ struct KeepAlive {
 }
 
 impl SseBody {
-    fn new(frames: chat_core::TurnFrames, every: Option<Duration>) -> Self {
+    fn new(first: Option<Bytes>, frames: chat_core::TurnFrames, every: Option<Duration>) -> Self {
         let keep_alive = every.map(|every| {
             let tick = (every / 2).max(Duration::from_millis(1));
             let due = tokio::time::Instant::now() + tick;
@@ -197,7 +195,7 @@ impl SseBody {
             }
         });
         Self {
-            first: None,
+            first,
             frames,
             keep_alive,
         }
