@@ -275,8 +275,8 @@ async fn crash_recovery(c: &mut Cluster) {
         .await
         .unwrap();
     assert_eq!(follower.status(), 200);
-    // Let a checkpoint land (past the 16-token floor: ~20 more tokens), then kill -9.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait for a checkpoint in the database (past the 16-token floor), then kill -9.
+    c.db.wait_checkpoint(user, &chat, "tok4 ").await;
     c.nodes[0].child.kill().unwrap();
     c.nodes[0].child.wait().unwrap();
     drop(rest);
@@ -327,8 +327,8 @@ async fn paused_instance_is_fenced(c: &Cluster) {
         .await;
     assert_eq!(res.status(), 200);
     let (_, rest) = read_deltas(res, 5).await;
-    // Past the 16-token checkpoint floor (~20 more tokens), then pause.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A checkpoint in the database (past the 16-token floor), then pause.
+    c.db.wait_checkpoint(user, &chat, "tok4 ").await;
     signal(a, "-STOP");
     // Past the lease TTL B finalizes A's checkpoint and runs a new turn.
     let msgs = wait_finished(b, user, &chat, 1, "error").await;

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use chat_core::{UiChunk, parse_sse};
+use chat_core::{ChatId, MessageStatus, UiChunk, UserId, parse_sse};
 use chat_store_sqlx::sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -60,6 +60,32 @@ impl Db {
     pub fn url(&self) -> &str {
         match self {
             Db::Sqlite(u, _) | Db::Postgres { url: u, .. } => u,
+        }
+    }
+
+    /// Waits (up to 15 s) until the second message of `chat` is stored as a
+    /// checkpoint whose text contains `needle`, read straight from the
+    /// database, and returns that text.
+    pub async fn wait_checkpoint(&self, user: &str, chat: &str, needle: &str) -> String {
+        let store = chat_store_sqlx::connect(self.url())
+            .await
+            .unwrap()
+            .into_dyn();
+        let (user, chat) = (UserId::new(user).unwrap(), ChatId::parse(chat).unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let msgs = store.load_messages(&user, &chat).await.unwrap();
+            if let Some(answer) = msgs.get(1) {
+                let text = answer.message.text();
+                if answer.status == MessageStatus::Streaming && text.contains(needle) {
+                    return text;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint holding {needle:?} stored within 15 s: {msgs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
