@@ -48,10 +48,54 @@ pub(crate) struct Job {
     pub user: UserId,
     pub chat: String,
     pub row: MessageRow,
+    /// The chat's and the id's hashes, which the writer's sets hold.
+    keys: Keys,
     reply: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
 
+/// A write's chat and message id as the writer tracks them: hashed once, when
+/// the write is queued, so forming a batch compares and copies two `u64`s
+/// per write instead of hashing, comparing and cloning two strings each time
+/// the write is looked at (a write held back is looked at again each batch).
+/// Two keys that collide only hold a write back for a batch: order is kept
+/// either way.
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    chat: u64,
+    id: u64,
+}
+
+impl Keys {
+    /// The keys of a write of message `id` into `chat`, with a seed drawn once per process.
+    fn of(chat: &str, id: &str) -> Self {
+        use std::hash::BuildHasher as _;
+        static SEED: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+        let seed = SEED.get_or_init(foldhash::fast::RandomState::default);
+        Self {
+            chat: seed.hash_one(chat),
+            id: seed.hash_one(id),
+        }
+    }
+}
+
 impl Job {
+    /// A write of `row` into `chat` for `user`, answered on `reply`.
+    fn new(
+        user: UserId,
+        chat: String,
+        row: MessageRow,
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    ) -> Self {
+        let keys = Keys::of(&chat, &row.id);
+        Self {
+            user,
+            chat,
+            row,
+            keys,
+            reply,
+        }
+    }
+
     fn answer(&mut self, result: Result<(), StoreError>) {
         if let Some(reply) = self.reply.take() {
             // The caller may have gone away (a cancelled request): the write stands.
@@ -231,12 +275,7 @@ impl<W: RowWriter> WriteQueue<W> {
             tx
         });
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            user: user.clone(),
-            chat,
-            row,
-            reply: Some(reply),
-        };
+        let job = Job::new(user.clone(), chat, row, Some(reply));
         if let Err(mpsc::error::SendError(job)) = sender.send(job) {
             // The task's runtime is gone (the store outlived it): write directly.
             tracing::debug!("store writer task gone; writing without batching");
@@ -267,8 +306,8 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut inflight = FuturesUnordered::new();
     // Chats and ids of the batches in flight.
-    let mut busy_chats: Set<String> = Set::default();
-    let mut busy_ids: Set<String> = Set::default();
+    let mut busy_chats: Set<u64> = Set::default();
+    let mut busy_ids: Set<u64> = Set::default();
     let mut open = true;
     let idle_grace = writer.idle_grace();
     // Armed when the writer falls idle with a grace period to wait out.
@@ -288,8 +327,8 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
             let mut batch = take_batch(&mut pending, &busy_chats, &busy_ids);
             if !batch.is_empty() {
                 for job in &batch {
-                    busy_chats.insert(job.chat.clone());
-                    busy_ids.insert(job.row.id.clone());
+                    busy_chats.insert(job.keys.chat);
+                    busy_ids.insert(job.keys.id);
                 }
                 // A stable lock order across batches (Postgres locks the chat rows).
                 batch.sort_by(|a, b| a.chat.cmp(&b.chat));
@@ -326,8 +365,8 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
             }
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 for job in done {
-                    busy_chats.remove(&job.chat);
-                    busy_ids.remove(&job.row.id);
+                    busy_chats.remove(&job.keys.chat);
+                    busy_ids.remove(&job.keys.id);
                 }
             }
             job = rx.recv(), if open => match job {
@@ -354,38 +393,39 @@ async fn run<W: RowWriter>(writer: Arc<W>, mut rx: mpsc::UnboundedReceiver<Job>)
 /// The next batch: at most one write per chat and per id, none of a chat or
 /// id in flight, at most [`MAX_BATCH`]; a chat seen here (taken or not)
 /// keeps all its later writes back, so they stay in order for the next round.
-fn take_batch(
-    pending: &mut VecDeque<Job>,
-    busy_chats: &Set<String>,
-    busy_ids: &Set<String>,
-) -> Vec<Job> {
-    // Decided on borrowed keys first, then the jobs are moved: no key is
-    // copied for a batch that is only being formed.
-    let mut chats: Set<&str> = Set::default();
-    let mut ids: Set<&str> = Set::default();
+/// Only the front of the queue up to the last write taken is looked at and
+/// moved: under a backlog (up to `MAX_BATCH * 8` queued) the rest stays
+/// where it is instead of being scanned and rebuilt for every batch.
+fn take_batch(pending: &mut VecDeque<Job>, busy_chats: &Set<u64>, busy_ids: &Set<u64>) -> Vec<Job> {
+    let mut chats: Set<u64> = Set::default();
+    let mut ids: Set<u64> = Set::default();
+    let mut take: Vec<bool> = Vec::new();
     let mut taken = 0;
-    let take: Vec<bool> = pending
-        .iter()
-        .map(|job| {
-            let (chat, id) = (job.chat.as_str(), job.row.id.as_str());
-            let free = !busy_chats.contains(chat) && !busy_ids.contains(id);
-            // `insert` is false when a job before this one had the chat or id.
-            let first = chats.insert(chat) & ids.insert(id);
-            let yes = free && first && taken < MAX_BATCH;
-            taken += usize::from(yes);
-            yes
-        })
-        .collect();
+    for job in pending.iter() {
+        if taken == MAX_BATCH {
+            break;
+        }
+        let Keys { chat, id } = job.keys;
+        let free = !busy_chats.contains(&chat) && !busy_ids.contains(&id);
+        // `insert` is false when a job before this one had the chat or id.
+        let first = chats.insert(chat) & ids.insert(id);
+        let yes = free && first;
+        taken += usize::from(yes);
+        take.push(yes);
+    }
     let mut batch = Vec::with_capacity(taken);
-    let mut later = VecDeque::new();
-    for (job, yes) in pending.drain(..).zip(take) {
+    let mut kept = Vec::with_capacity(take.len() - taken);
+    for (job, yes) in pending.drain(..take.len()).zip(take) {
         if yes {
             batch.push(job);
         } else {
-            later.push_back(job);
+            kept.push(job);
         }
     }
-    *pending = later;
+    // The writes held back go back to the front, in their order.
+    for job in kept.into_iter().rev() {
+        pending.push_front(job);
+    }
     batch
 }
 
@@ -687,12 +727,7 @@ mod tests {
     #[test]
     fn a_batch_takes_the_first_write_of_each_free_chat_and_id_and_keeps_the_rest_in_order() {
         let user = UserId::new("alice").unwrap();
-        let job = |chat: &str, id: &str| Job {
-            user: user.clone(),
-            chat: chat.into(),
-            row: row(id.into()),
-            reply: None,
-        };
+        let job = |chat: &str, id: &str| Job::new(user.clone(), chat.into(), row(id.into()), None);
         let mut pending: VecDeque<Job> = [
             job("c1", "m1"),
             job("c1", "m2"), // c1 already taken: waits
@@ -703,8 +738,8 @@ mod tests {
             job("c6", "m6"),
         ]
         .into();
-        let busy_chats: Set<String> = ["c4".to_owned()].into_iter().collect();
-        let busy_ids: Set<String> = ["m5".to_owned()].into_iter().collect();
+        let busy_chats: Set<u64> = [Keys::of("c4", "-").chat].into_iter().collect();
+        let busy_ids: Set<u64> = [Keys::of("-", "m5").id].into_iter().collect();
         let keys = |jobs: &mut dyn Iterator<Item = &Job>| -> Vec<(String, String)> {
             jobs.map(|j| (j.chat.clone(), j.row.id.clone())).collect()
         };
@@ -736,6 +771,21 @@ mod tests {
                 .map(|i| (format!("c{i}"), format!("m{i}")))
                 .collect::<Vec<_>>()
         );
+
+        // A full batch from a backlog: the writes held back before the cut
+        // and every write after it stay queued, in their order.
+        let mut pending: VecDeque<Job> = std::iter::once(job("c0", "a"))
+            .chain(std::iter::once(job("c0", "b")))
+            .chain((1..MAX_BATCH + 5).map(|i| job(&format!("c{i}"), &format!("m{i}"))))
+            .chain(std::iter::once(job("c0", "c")))
+            .collect();
+        let batch = take_batch(&mut pending, &Set::default(), &Set::default());
+        assert_eq!(batch.len(), MAX_BATCH);
+        assert_eq!(keys(&mut batch.iter())[0], pair("c0", "a"));
+        let mut want = vec![pair("c0", "b")];
+        want.extend((MAX_BATCH..MAX_BATCH + 5).map(|i| (format!("c{i}"), format!("m{i}"))));
+        want.push(pair("c0", "c"));
+        assert_eq!(keys(&mut pending.iter()), want);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
