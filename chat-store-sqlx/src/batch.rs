@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::schema::MessageRow;
 
-/// The writer's sets of chats and ids: looked up several times per row on
-/// the writer task, so hashed with foldhash instead of SipHash (1% of the
-/// server's CPU at 20 ms / 5,000 clients). They hold at most a few batches
-/// of keys, so flooding them with colliding ids cannot slow them much.
+/// The writer's sets of chat and id keys ([`Keys`]): looked up several times
+/// per row on the writer task, so hashed with foldhash instead of SipHash.
+/// They hold at most a few batches of keys, so flooding them with colliding
+/// keys cannot slow them much.
 type Set<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 /// Most rows in one statement (SQLite and Postgres bind limits are far above
